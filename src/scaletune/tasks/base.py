@@ -1,0 +1,76 @@
+"""The task seam: what differs between sequence classification and masked-LM.
+
+A task decides the model class, preprocessing, collator, metrics and the
+prediction file. Everything else -- the loop, loss normalisation, checkpoints,
+distribution, tracking -- is shared. Adding a task (causal LM, token
+classification) is one new module in this package plus one line in
+`tasks/__init__.py`.
+
+Loss contract (why tasks do not compute their own loss): the loop computes
+`cross_entropy(logits, labels, ignore_index=-100, reduction="sum")` per
+micro-batch and divides by the number of non-ignored labels across the whole
+accumulation window and all ranks. So a task only has to put `labels` in the
+batch, using -100 for positions that do not count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+
+@dataclass
+class PreparedData:
+    """Tokenized splits ready for the collator, plus what the model and outputs need to know."""
+
+    train: Any = None
+    """Tokenized train split (`datasets.Dataset`, or `IterableDataset` when streaming), or None."""
+    validation: Any = None
+    test: Any = None
+    label_list: Optional[list] = None
+    """Classification: label names in id order (saved as the model's id2label)."""
+    test_ids: Optional[list] = None
+    """Identifiers written next to each prediction (an `id`/`idx` column when present, else the row index)."""
+    info: dict = field(default_factory=dict)
+    """Free-form facts worth logging (e.g. number of blocks, dropped tokens)."""
+
+
+class Task:
+    """Base class; see ClassificationTask and MaskedLMTask."""
+
+    name: str = ""
+    default_metric_for_best_model: str = "loss"
+
+    def prepare_data(self, raw, tokenizer, cfg, main_process_first: Callable) -> PreparedData:
+        """Tokenize the raw `DatasetDict` (splits train/validation/test, some may be missing).
+
+        `main_process_first` is `accelerator.main_process_first`: tokenize on rank 0 first so the
+        others read the `datasets` cache instead of repeating the work.
+        """
+        raise NotImplementedError
+
+    def build_model(self, cfg, prepared: PreparedData, tokenizer):
+        """Load the pretrained model with the right head (and label maps / resized embeddings)."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
+        """Batch collator (dynamic padding; MLM masking)."""
+        raise NotImplementedError
+
+    def preprocess_logits(self, logits, labels):
+        """Shrink logits before they are gathered across ranks (Trainer's preprocess_logits_for_metrics)."""
+        return logits
+
+    def compute_metrics(self, predictions: np.ndarray, label_ids: np.ndarray) -> dict:
+        """Metrics from the gathered outputs of `preprocess_logits` (without the `eval_` prefix)."""
+        raise NotImplementedError
+
+    def metrics_from_loss(self, eval_loss: float) -> dict:
+        """Metrics that follow from the loss alone (MLM: perplexity)."""
+        return {}
+
+    def write_predictions(self, path, predictions: np.ndarray, prepared: PreparedData, model_config) -> None:
+        """Write the prediction file for the test split."""
+        raise NotImplementedError

@@ -1,0 +1,359 @@
+"""Masked-language-model fine-tuning, as transformers' `run_mlm.py`.
+
+Same arguments and the same data path as the example script:
+
+* the text column is `text_column_name`, else `text`, else the first column;
+* by default every text is tokenized (with its [CLS]/[SEP]), the tokens are concatenated and cut into
+  blocks of `max_seq_length` (default min(1024, tokenizer limit)); the remainder of each `datasets.map`
+  batch of 1000 texts that does not fill a whole block is dropped, exactly as `run_mlm.py` does;
+* `line_by_line` keeps one example per non-empty line instead, truncated to `max_seq_length` and padded
+  per batch;
+* tokenization happens once, through the `datasets` cache (rank 0 first, the others read the cache);
+  `streaming` tokenizes lazily instead (needs `max_steps`);
+* `max_train_samples` / `max_eval_samples` count blocks (or lines), after grouping, as in `run_mlm.py`;
+* the token embeddings are resized when the tokenizer has more tokens than the embedding matrix.
+
+Where we differ from `run_mlm.py`, on purpose: which tokens are masked is a function of the example's
+tokens, the seed and the epoch only (see `example_seed`), not of a global random stream. So masking is
+the same whatever the batch size, accumulation, number of ranks, dataloader workers or resume point
+(N micro-batches of b see exactly the masks of one batch of N*b), and evaluation masks the same tokens at
+every evaluation, so successive `eval_loss` values are comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForMaskedLM, DataCollatorForLanguageModeling
+from transformers.data.data_collator import pad_without_fast_tokenizer_warning
+
+from ..assets import model_path
+from ..config import ConfigError
+from .base import PreparedData, Task
+
+logger = logging.getLogger(__name__)
+
+# Texts per `datasets.map` batch when grouping: run_mlm.py's default, which decides where remainders fall.
+GROUP_BATCH_SIZE = 1000
+DEFAULT_MAX_BLOCK = 1024
+# Salts keep training and evaluation masks independent (an eval block equal to a train block is masked
+# differently).
+TRAIN_SALT, EVAL_SALT = 0, 1
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+
+def resolve_max_seq_length(requested: Optional[int], tokenizer_max: int,
+                           max_position_embeddings: Optional[int] = None) -> int:
+    """Block size as run_mlm.py: default min(1024, tokenizer limit); a larger request is capped (warned).
+
+    The model's position table also caps it: a block longer than `max_position_embeddings` would crash
+    in the first forward pass, after the whole dataset has been tokenized.
+    """
+    limits = [tokenizer_max] + ([max_position_embeddings] if max_position_embeddings else [])
+    limit = min(limits)
+    if requested is None:
+        if limit > DEFAULT_MAX_BLOCK:
+            logger.warning("The tokenizer allows %d tokens; using max_seq_length=%d as run_mlm.py does "
+                           "(set max_seq_length to override).", limit, DEFAULT_MAX_BLOCK)
+        return min(limit, DEFAULT_MAX_BLOCK)
+    if requested < 1:
+        raise ConfigError(f"max_seq_length must be >= 1, got {requested}.")
+    if requested > limit:
+        logger.warning("max_seq_length=%d exceeds the model's limit %d; using %d.", requested, limit, limit)
+    return min(requested, limit)
+
+
+def find_text_column(column_names: list[str], requested: Optional[str],
+                     string_columns: Optional[list[str]] = None) -> str:
+    """The column holding the text: `requested`, else `text`, else the first string column.
+
+    run_mlm.py takes the first column; preferring a string one avoids training on an `idx` column.
+    `string_columns` is None when the types are unknown (some streams): then the first column.
+    """
+    if requested is not None:
+        if requested not in column_names:
+            raise ConfigError(f"text_column_name={requested!r} is not a column of the dataset; columns: "
+                              f"{', '.join(column_names)}. Set --text_column_name to one of them.")
+        return requested
+    if "text" in column_names:
+        return "text"
+    candidates = column_names if string_columns is None else [c for c in column_names if c in string_columns]
+    if not candidates:
+        raise ConfigError(f"No text column among {', '.join(column_names) or 'no columns'}; "
+                          "set --text_column_name.")
+    return candidates[0]
+
+
+def group_texts(examples: dict[str, list[list]], block_size: int) -> dict[str, list[list]]:
+    """Concatenate every column's sequences and cut them into blocks of `block_size`.
+
+    The tail shorter than a block is dropped (as run_mlm.py), so a batch of texts totalling T tokens
+    yields T // block_size blocks and loses T % block_size tokens.
+    """
+    concatenated = {k: list(chain.from_iterable(v)) for k, v in examples.items()}
+    total = len(next(iter(concatenated.values()), []))
+    total = (total // block_size) * block_size
+    return {k: [t[i: i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()}
+
+
+def non_empty_lines(texts: list) -> list[str]:
+    """line_by_line keeps lines with any non-space character (run_mlm.py)."""
+    return [t for t in texts if t and not t.isspace()]
+
+
+def embedding_resize_target(num_tokens: int, embedding_rows: int) -> Optional[int]:
+    """New embedding size when the tokenizer knows more tokens than the model embeds, else None."""
+    return num_tokens if num_tokens > embedding_rows else None
+
+
+def example_seed(input_ids, seed: int, epoch: int, salt: int) -> int:
+    """Masking seed of one example: a hash of its tokens, the run seed, the epoch and train/eval salt.
+
+    Keyed by content rather than by position in the data stream so that batching, accumulation,
+    sharding across ranks, dataloader workers and resuming cannot change which tokens get masked.
+    Identical examples in one epoch get identical masks; the epoch re-draws them.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack("<qqq", int(seed), int(epoch), int(salt)))
+    h.update(np.asarray(input_ids, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+def masked_token_accuracy(predictions: np.ndarray, label_ids: np.ndarray) -> float:
+    """Share of masked positions (label != -100) where the argmax token is the original token."""
+    labels = np.asarray(label_ids).reshape(-1)
+    preds = np.asarray(predictions).reshape(-1)
+    counted = labels != -100
+    if not counted.any():
+        return float("nan")
+    return float((preds[counted] == labels[counted]).mean())
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); a huge or infinite loss gives inf instead of an OverflowError."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+# --------------------------------------------------------------------------- collator
+
+
+@dataclass
+class ContentSeededMLMCollator(DataCollatorForLanguageModeling):
+    """`DataCollatorForLanguageModeling` (padding, 80/10/10 masking, special tokens never masked) whose
+    randomness comes from `example_seed` per example instead of one stream per batch.
+
+    Each example is masked on its own unpadded tokens with its own generator, so its mask does not depend
+    on what else is in the batch or how long the batch is padded.
+    """
+
+    epoch: int = 0
+    salt: int = TRAIN_SALT
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-draw the training masks each epoch (dynamic masking); the loop calls this before an epoch."""
+        self.epoch = int(epoch)
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if not isinstance(examples[0], Mapping) or "input_ids" not in examples[0]:
+            raise TypeError("ContentSeededMLMCollator expects dict examples with input_ids.")
+        ids = [list(e["input_ids"]) for e in examples]
+        batch = pad_without_fast_tokenizer_warning(
+            self.tokenizer, examples, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of
+        )
+        special = batch.pop("special_tokens_mask", None)
+        inputs = batch["input_ids"]
+        labels = torch.full_like(inputs, -100)
+        width = inputs.shape[1]
+        for i, row_ids in enumerate(ids):
+            n = len(row_ids)
+            cols = slice(width - n, width) if self.tokenizer.padding_side == "left" else slice(0, n)
+            row_special = special[i: i + 1, cols] if special is not None else None
+            self.generator = torch.Generator().manual_seed(example_seed(row_ids, self.seed, self.epoch, self.salt))
+            try:
+                row_inputs, row_labels = self.torch_mask_tokens(inputs[i: i + 1, cols].clone(), row_special)
+            finally:
+                self.generator = None  # keep the collator picklable for dataloader workers
+            inputs[i, cols] = row_inputs[0]
+            labels[i, cols] = row_labels[0]
+        batch["input_ids"] = inputs
+        batch["labels"] = labels
+        return batch
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def _string_columns(ds) -> Optional[list[str]]:
+    features = getattr(ds, "features", None)
+    if not features:
+        return None
+    return [name for name, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+
+
+def _column_names(ds) -> list[str]:
+    names = getattr(ds, "column_names", None)
+    if names is None:  # a stream whose features are unknown until read
+        names = list(next(iter(ds)).keys())
+    return list(names)
+
+
+def _is_stream(ds) -> bool:
+    import datasets
+
+    return isinstance(ds, datasets.IterableDataset)
+
+
+def _model_config(cfg):
+    m = cfg.model
+    return AutoConfig.from_pretrained(
+        model_path(m.config_name or m.model_name_or_path), cache_dir=m.cache_dir, revision=m.model_revision,
+        trust_remote_code=m.trust_remote_code,
+    )
+
+
+class MaskedLMTask(Task):
+    """Masked-LM fine-tuning (`task: mlm`); metrics: eval_loss, perplexity, masked-token accuracy."""
+
+    name = "mlm"
+    default_metric_for_best_model = "loss"
+
+    # ----------------------------------------------------------------- data
+
+    def prepare_data(self, raw, tokenizer, cfg, main_process_first: Callable) -> PreparedData:
+        d = cfg.data
+        if tokenizer.mask_token is None:
+            raise ConfigError(f"The tokenizer of {cfg.model.model_name_or_path!r} has no mask token, so it cannot "
+                              "do masked-LM; use a BERT/RoBERTa-style model or set tokenizer_name.")
+        splits = {s: raw[s] for s in ("train", "validation", "test") if s in raw}
+        if not splits:
+            raise ConfigError("The dataset has no train, validation or test split.")
+        first = splits.get("train", next(iter(splits.values())))
+        text_column = find_text_column(_column_names(first), d.text_column_name, _string_columns(first))
+        block_size = resolve_max_seq_length(
+            d.max_seq_length, tokenizer.model_max_length, getattr(_model_config(cfg), "max_position_embeddings", None)
+        )
+
+        limits = {"train": d.max_train_samples, "validation": d.max_eval_samples, "test": d.max_predict_samples}
+        out = {}
+        with main_process_first():
+            for split, ds in splits.items():
+                tokenized = self._tokenize(ds, tokenizer, text_column, block_size, d, split)
+                out[split] = _truncate(tokenized, limits[split])
+
+        info = {"block_size": block_size, "text_column": text_column,
+                "mode": "line_by_line" if d.line_by_line else "grouped"}
+        for split, ds in out.items():
+            if not _is_stream(ds):
+                info[f"{split}_examples"] = len(ds)
+                if len(ds) == 0:
+                    raise ConfigError(_empty_split_message(split, block_size, d.line_by_line))
+        test = out.get("test")
+        test_ids = list(range(len(test))) if test is not None and not _is_stream(test) else None
+        return PreparedData(train=out.get("train"), validation=out.get("validation"), test=test,
+                            test_ids=test_ids, info=info)
+
+    def _tokenize(self, ds, tokenizer, text_column, block_size, d, split):
+        stream = _is_stream(ds)
+        columns = _column_names(ds)
+        # A map on a stream runs lazily and has no cache, workers or progress bar.
+        map_kw = {} if stream else dict(num_proc=d.preprocessing_num_workers,
+                                        load_from_cache_file=not d.overwrite_cache)
+        desc = (lambda s: {}) if stream else (lambda s: {"desc": f"{s} ({split})"})
+
+        if d.line_by_line:
+            def tokenize_lines(examples):
+                lines = non_empty_lines(examples[text_column])
+                return tokenizer(lines, truncation=True, max_length=block_size, return_special_tokens_mask=True)
+
+            return ds.map(tokenize_lines, batched=True, remove_columns=columns, **map_kw,
+                          **desc("Tokenizing line by line"))
+
+        def tokenize(examples):
+            # Texts longer than the model limit are fine here: they are cut into blocks next.
+            texts = [t if isinstance(t, str) else "" for t in examples[text_column]]
+            return tokenizer(texts, return_special_tokens_mask=True, verbose=False)
+
+        tokenized = ds.map(tokenize, batched=True, remove_columns=columns, **map_kw, **desc("Tokenizing"))
+        return tokenized.map(group_texts, fn_kwargs={"block_size": block_size}, batched=True,
+                             batch_size=GROUP_BATCH_SIZE, **map_kw, **desc(f"Grouping into blocks of {block_size}"))
+
+    # ----------------------------------------------------------------- model
+
+    def build_model(self, cfg, prepared: PreparedData, tokenizer):
+        m = cfg.model
+        model = AutoModelForMaskedLM.from_pretrained(
+            model_path(m.model_name_or_path), config=_model_config(cfg), cache_dir=m.cache_dir,
+            revision=m.model_revision, trust_remote_code=m.trust_remote_code,
+            ignore_mismatched_sizes=m.ignore_mismatched_sizes,
+        )
+        resize_token_embeddings(model, len(tokenizer))
+        return model
+
+    def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
+        d, t = cfg.data, cfg.training
+        pad_to = d.pad_to_multiple_of
+        if pad_to is None and d.line_by_line and (t.fp16 or t.bf16):
+            pad_to = 8  # run_mlm.py's default for padded lines under mixed precision (tensor cores)
+        return ContentSeededMLMCollator(
+            tokenizer=tokenizer, mlm_probability=d.mlm_probability, pad_to_multiple_of=pad_to,
+            seed=t.seed, salt=TRAIN_SALT if for_training else EVAL_SALT,
+        )
+
+    # ----------------------------------------------------------------- metrics and outputs
+
+    def preprocess_logits(self, logits, labels):
+        # Gather token ids, not a (batch, length, vocab) float tensor.
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        return logits.argmax(dim=-1)
+
+    def compute_metrics(self, predictions: np.ndarray, label_ids: np.ndarray) -> dict:
+        return {"accuracy": masked_token_accuracy(predictions, label_ids)}
+
+    def metrics_from_loss(self, eval_loss: float) -> dict:
+        return {"perplexity": perplexity(eval_loss)}
+
+    def write_predictions(self, path, predictions: np.ndarray, prepared: PreparedData, model_config) -> None:
+        """Nothing to write: as in run_mlm.py, a masked-LM test split yields metrics only (test_loss,
+        test_perplexity, test_accuracy). Argmax ids at randomly masked positions are not a useful file;
+        use the exported model in a `fill-mask` pipeline to get predictions for given texts."""
+        return None
+
+
+def resize_token_embeddings(model, num_tokens: int) -> Optional[int]:
+    """Grow the embedding matrix when the tokenizer has added tokens (the check run_mlm.py makes)."""
+    target = embedding_resize_target(num_tokens, model.get_input_embeddings().weight.shape[0])
+    if target is not None:
+        logger.info("Resizing token embeddings from %d to %d rows to fit the tokenizer.",
+                    model.get_input_embeddings().weight.shape[0], target)
+        model.resize_token_embeddings(target)
+    return target
+
+
+def _truncate(ds, limit: Optional[int]):
+    if limit is None:
+        return ds
+    if _is_stream(ds):
+        return ds.take(limit)
+    return ds.select(range(min(limit, len(ds))))
+
+
+def _empty_split_message(split: str, block_size: int, line_by_line: bool) -> str:
+    if line_by_line:
+        return f"The {split} split has no non-empty line; check text_column_name and the data file."
+    return (f"The {split} split has fewer than max_seq_length={block_size} tokens in total, so grouping yields no "
+            f"block (run_mlm.py drops the remainder); lower max_seq_length, add data, or use line_by_line.")

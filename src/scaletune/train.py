@@ -1,0 +1,194 @@
+"""Entry point: `accelerate launch -m scaletune.train [CONFIG] [--key value ...]` and `run(config)`.
+
+parse -> check (cheap, before torch work) -> build -> fit -> finish. Short on purpose: every step is a
+call into a module that owns it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import ConfigError, ConfigSource, load_config
+
+
+@dataclass
+class RunResult:
+    """What `run` returns: final metrics, checkpoints left on disk, and Trainer's state fields."""
+
+    metrics: dict
+    checkpoints: list
+    global_step: int
+    best_metric: Optional[float]
+    best_global_step: Optional[int]
+    best_model_checkpoint: Optional[str]
+    log_history: list
+    stop_reason: str
+    output_dir: str
+    predictions_file: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def preflight(cfg):
+    """Checks that need no model or data loading: bad input fails in seconds, nothing is overwritten."""
+    from . import checkpoint, data
+
+    t = cfg.training
+    data.check_files(cfg)
+    resume = checkpoint.resolve_resume(t.output_dir, t.resume_from_checkpoint)
+    checkpoint.check_output_dir(t.output_dir, resuming=resume is not None, overwrite=t.overwrite_output_dir)
+    return resume
+
+
+def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
+        overrides: Optional[dict] = None) -> RunResult:
+    """Train, evaluate, export and predict as configured. `config`: dict, YAML/JSON path, CLI args list."""
+    cfg = load_config(config, overrides)
+    resume_path = preflight(cfg)
+
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    from . import checkpoint, data, schedule
+    from .assets import model_path
+    from .distributed import build_accelerator
+    from .loop import Components, fit
+    from .optim import build_optimizer, build_scheduler
+    from .preemption import PreemptionWatcher, requeue_if_slurm
+    from .state import TrainingState
+    from .tasks import get_task
+    from .throughput import ThroughputMeter
+    from .tracking import RunTracker
+
+    t, d = cfg.training, cfg.data
+    accelerator = build_accelerator(cfg)
+    watcher = PreemptionWatcher()
+    watcher.install()  # early: a preemption during data loading still checkpoints nothing but exits cleanly
+    set_seed(t.seed)
+    task = get_task(d.task)
+    m = cfg.model
+    tokenizer = AutoTokenizer.from_pretrained(model_path(m.tokenizer_name or m.model_name_or_path),
+                                              cache_dir=m.cache_dir, revision=m.model_revision,
+                                              trust_remote_code=m.trust_remote_code)
+    raw = data.load_raw_datasets(cfg, streaming=d.streaming)
+    prepared = task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first)
+    set_seed(t.seed)  # the head's init does not depend on how much randomness data loading used
+    model = task.build_model(cfg, prepared, tokenizer)
+
+    train_dl = data.build_dataloader(prepared.train, task.collator(tokenizer, cfg, True),
+                                     t.per_device_train_batch_size, True, t) if t.do_train else None
+    eval_dl = (data.build_dataloader(prepared.validation, task.collator(tokenizer, cfg, False),
+                                     t.per_device_eval_batch_size, False, t) if prepared.validation is not None
+               else None)
+    test_dl = (data.build_dataloader(prepared.test, task.collator(tokenizer, cfg, False),
+                                     t.per_device_eval_batch_size, False, t) if prepared.test is not None
+               and t.do_predict else None)
+    if (t.eval_strategy != "no" or t.load_best_model_at_end) and eval_dl is None:
+        raise ConfigError("Evaluation is on but there is no validation data: set validation_file or "
+                          "validation_split_percentage > 0.")
+
+    optimizer = build_optimizer(model, t)
+    train_dl, eval_dl, test_dl = accelerator.prepare(train_dl, eval_dl, test_dl)
+    plan = schedule.resolve_plan(t, len(train_dl) if train_dl is not None and hasattr(prepared.train, "__len__")
+                                 else None) if t.do_train else None
+    if plan is not None:
+        schedule.check_best_model_cadence(t, plan)
+    scheduler = build_scheduler(optimizer, t, plan) if plan else None
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = TrainingState()
+    if resume_path is not None:
+        state = checkpoint.load_checkpoint(accelerator, resume_path)
+        accelerator.print(f"Resumed from {resume_path} at step {state.global_step}.")
+    tracker = RunTracker(cfg, accelerator, run_id=state.tracker_run_id)
+    state.tracker_run_id = tracker.run_id
+    if accelerator.is_main_process:
+        cfg.save(Path(t.output_dir) / "config.yaml")  # the effective config, with every default spelled out
+
+    comps = Components(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                       train_dataloader=train_dl, eval_dataloader=eval_dl, task=task, tokenizer=tokenizer,
+                       tracker=tracker, meter=ThroughputMeter(model, accelerator), watcher=watcher,
+                       compute_metrics=compute_metrics)
+    stop_reason = fit(comps, state, plan) if t.do_train else "no_training"
+    if stop_reason == "preempted":
+        accelerator.print(f"Preempted at step {state.global_step}; checkpoint written, requeueing.")
+        requeue_if_slurm(accelerator)
+        accelerator.end_training()
+        return _result(cfg, state, {}, stop_reason, None)
+    metrics, predictions_file = finish(comps, state, test_dl, prepared)
+    accelerator.end_training()
+    return _result(cfg, state, metrics, stop_reason, predictions_file)
+
+
+def finish(c, state, test_dl, prepared):
+    """Reload the best weights, rotate, evaluate, export the model, predict the test split."""
+    from . import checkpoint, schedule
+    from .evaluation import evaluate
+    from .loop import best_checkpoint_step
+
+    t, acc = c.cfg.training, c.accelerator
+    if t.load_best_model_at_end and state.best_model_checkpoint:
+        acc.print(f"Loading best model from {state.best_model_checkpoint} (score: {state.best_metric}).")
+        checkpoint.load_model_weights(acc, c.model, state.best_model_checkpoint)
+        steps = list(checkpoint.list_checkpoints(t.output_dir))
+        checkpoint.delete_checkpoints(acc, t.output_dir, schedule.final_checkpoints_to_delete(
+            steps, t.save_total_limit, best_checkpoint_step(state)))
+    metrics = {}
+    if t.do_eval and c.eval_dataloader is not None:
+        eval_metrics, _ = evaluate(c.model, c.eval_dataloader, c.task, acc, "eval", c.compute_metrics)
+        metrics.update(eval_metrics)
+    checkpoint.export_model(acc, c.model, c.tokenizer, t.output_dir)
+    predictions_file = None
+    if test_dl is not None:
+        test_metrics, predictions = evaluate(c.model, test_dl, c.task, acc, "test", c.compute_metrics)
+        metrics.update(test_metrics)
+        if acc.is_main_process:
+            predictions_file = str(Path(t.output_dir) / "predictions.csv")
+            c.task.write_predictions(predictions_file, predictions, prepared, acc.unwrap_model(c.model).config)
+    if acc.is_main_process:
+        Path(t.output_dir, "all_results.json").write_text(json.dumps(metrics, indent=2))
+        state.save(t.output_dir)
+    c.tracker.finish({**metrics, "global_step": state.global_step, "best_metric": state.best_metric,
+                      "best_global_step": state.best_global_step,
+                      "best_model_checkpoint": state.best_model_checkpoint, "output_dir": t.output_dir,
+                      "model_dir": t.output_dir, "predictions_file": predictions_file})
+    return metrics, predictions_file
+
+
+def _result(cfg, state, metrics, stop_reason, predictions_file) -> RunResult:
+    from .checkpoint import list_checkpoints
+
+    out = cfg.training.output_dir
+    return RunResult(metrics=metrics, checkpoints=[str(p) for p in list_checkpoints(out).values()],
+                     global_step=state.global_step, best_metric=state.best_metric,
+                     best_global_step=state.best_global_step, best_model_checkpoint=state.best_model_checkpoint,
+                     log_history=state.log_history, stop_reason=stop_reason, output_dir=out,
+                     predictions_file=predictions_file)
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nOptions: see the configuration reference in README.md "
+              "(every field of scaletune.config's ModelArguments, DataArguments, TrainingArguments).")
+        return 0
+    try:
+        run(argv)
+    except (ConfigError, ValueError, RuntimeError, KeyError) as e:
+        # Known input problems: one clear line, no traceback (the message names the fix).
+        from .assets import AssetError
+        from .checkpoint import CheckpointError
+        from .data import DataError
+
+        if isinstance(e, (ConfigError, DataError, CheckpointError, AssetError)) or type(e).__name__ == "MetricNotFound":
+            print(f"scaletune: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
