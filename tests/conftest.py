@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0, mlm: bool = False) -> Path:
+def make_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0, mlm: bool = False, dropout: float = 0.1) -> Path:
     """A 2-layer, 32-wide BERT with the MiniLM tokenizer, saved as a local pretrained folder."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
@@ -33,7 +33,8 @@ def make_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0, mlm: bool = F
 
     tok = AutoTokenizer.from_pretrained(model_path("packaged:minilm"))
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     model = (BertForMaskedLM if mlm else BertForSequenceClassification)(config)
     model.save_pretrained(path)
@@ -44,6 +45,12 @@ def make_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0, mlm: bool = F
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     return str(make_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory) -> str:
+    """Deterministic forward passes: for comparisons where dropout masks would differ by construction."""
+    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_nodrop"), dropout=0.0))
 
 
 WORDS_POS = "good great fine superb lovely wonderful brilliant moving".split()

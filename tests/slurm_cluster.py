@@ -304,3 +304,21 @@ def _resolves(name: str) -> bool:
         return True
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------- the fixture
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A 2-node Slurm cluster shared by every SLURM test of the session (import it into the test module)."""
+    ensure_slurm_installed()
+    cluster = SlurmCluster(num_nodes=2)
+    try:
+        cluster.start()
+    except Exception as e:
+        logs = cluster.daemon_logs()
+        cluster.stop()
+        raise RuntimeError(f"could not start the test Slurm cluster: {e}\n{logs}") from e
+    yield cluster
+    cluster.stop()

@@ -6,7 +6,7 @@ blocks; each chunk has a 7-byte header (crc32 of type+payload, length, type) wit
 tail shorter than a header is padding. See /work/shared/notes/wandb-offline.md.
 
     runs = find_runs(wandb_dir)            # every offline-run-*/run-*.wandb under a WANDB_DIR, oldest first
-    run = read_run(runs[0])                # WandbRun(run_id, project, name, group, tags, config, history, summary)
+    run = read_run(runs[0])                # waits for the run's exit record; WandbRun(run_id, project, name, group, tags, config, history, summary)
     run.history                            # [{"_step": 2, "train/loss": 0.5, ...}, ...] in logging order
     run.series("train/loss")               # ([steps], [values])
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,9 +97,16 @@ class WandbRun:
         return {k for r in self.history for k in r if not k.startswith("_")}
 
 
-def read_run(path) -> WandbRun:
+def read_run(path, timeout: float | None = 60.0) -> WandbRun:
+    """Parse a run file, first waiting (up to `timeout` s) for its final `exit` record.
+
+    wandb 0.31's `run.finish()` can return before the Go service has flushed the file (seen: a 7-byte file just
+    after finish, complete a moment later), so a test reading right after a run in the same process must wait.
+    timeout=None reads what is there now (e.g. a run whose process was killed and never wrote `exit`).
+    """
+    records = read_records(path) if timeout is None else _wait_for_exit(Path(path), timeout)
     run = WandbRun(path=Path(path))
-    for rec in read_records(path):
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
@@ -120,6 +128,18 @@ def read_run(path) -> WandbRun:
                 run.summary.pop(_item_key(item), None)
     run.config.pop("_wandb", None)
     return run
+
+
+def _wait_for_exit(path: Path, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        if any(rec.WhichOneof("record_type") == "exit" for rec in records):
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {timeout:.0f} s ({len(records)} records): the run did "
+                               "not finish, or wandb has not flushed it")
+        time.sleep(0.2)
 
 
 def find_runs(wandb_dir) -> list[Path]:

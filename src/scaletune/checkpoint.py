@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from .distributed import zero_stage
 from .state import STATE_FILE, TrainingState
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -94,6 +95,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainingState, m
         shutil.rmtree(partial)  # leftover of an interrupted save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))  # model, optimizer, scheduler, scaler, sampler, RNG of every rank
+    save_deepspeed_weights(accelerator, model, partial)  # collective; no-op outside DeepSpeed
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.save_pretrained(partial)  # with model.safetensors: loadable by from_pretrained
@@ -142,11 +144,66 @@ def load_model_weights(accelerator, model, path: str | Path) -> None:
     if not weights.is_file():
         raise CheckpointError(f"{str(path)!r} has no model.safetensors to reload the best model from.")
     unwrapped = accelerator.unwrap_model(model)
+    if zero_stage(accelerator) == 3:
+        missing = _load_into_zero3(unwrapped, weights, accelerator.is_main_process)
+        if missing:
+            raise CheckpointError(f"Best checkpoint {str(path)!r} does not match the model (missing {missing[:3]}).")
+        return
     state = load_file(str(weights), device="cpu")
     missing, unexpected = unwrapped.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+    # safetensors stores tied tensors once (an MLM decoder is the word embedding matrix): a "missing"
+    # key sharing storage with a loaded one has been loaded.
+    storage = {k: v.data_ptr() for k, v in unwrapped.state_dict(keep_vars=True).items()}
+    loaded = {storage[k] for k in state if k in storage}
+    missing = [k for k in missing if storage.get(k) not in loaded and not k.endswith("position_ids")]
+    if unexpected or missing:
         raise CheckpointError(f"Best checkpoint {str(path)!r} does not match the model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+
+
+def save_deepspeed_weights(accelerator, model, folder: str | Path) -> None:
+    """Collective. Under DeepSpeed, `save_state` writes only DeepSpeed's sharded format: add the
+    `model.safetensors` that accelerate writes for DDP (same parameter names), consolidated from the ZeRO-3
+    shards, so the checkpoint loads with `from_pretrained` and the best-model reload reads weights only."""
+    from accelerate.utils import clean_state_dict_for_safetensors
+
+    stage = zero_stage(accelerator)
+    if stage is None:
+        return  # accelerate's save_state already wrote model.safetensors
+    # ZeRO-3 gathers the shards with collectives (every rank); with ZeRO-1/2 every rank holds the whole model.
+    state_dict = accelerator.get_state_dict(model) if stage == 3 or accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        accelerator.save(clean_state_dict_for_safetensors(state_dict), str(Path(folder) / "model.safetensors"),
+                         safe_serialization=True)
+
+
+def _load_into_zero3(module, weights: Path, is_main: bool) -> list[str]:
+    """Collective. Copy a safetensors file into ZeRO-3-partitioned parameters, one parameter at a time: rank 0
+    reads the tensor and GatheredParameters re-shards it, so no rank holds the whole model or any optimizer
+    state (transformers issue 25027). Only the 16-bit/compute weights change: the optimizer's fp32 master
+    copy is left as is, which is fine for the end-of-training reload (no update follows). Returns the
+    parameter names not found in the file."""
+    import deepspeed
+    from safetensors import safe_open
+
+    aliases: dict[int, list[str]] = {}  # a tied parameter is saved under one of its names
+    for name, p in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    missing = []
+    with safe_open(str(weights), framework="pt", device="cpu") as f:  # every rank: the header only
+        keys = set(f.keys())
+        for name, p in module.named_parameters():
+            key = next((n for n in aliases[id(p)] if n in keys), None)
+            if key is None:
+                missing.append(name)
+                continue
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if is_main:
+                    p.data.copy_(f.get_tensor(key))
+        for name, buf in module.named_buffers():  # not partitioned: every rank loads its own copy
+            if name in keys:
+                buf.data.copy_(f.get_tensor(name))
+    return missing
 
 
 def export_model(accelerator, model, tokenizer, output_dir: str | Path) -> None:

@@ -474,3 +474,43 @@ def resolve_recipe(name_or_path: str) -> str:
 
 def ceil_int(x: float) -> int:
     return int(math.ceil(x))
+
+
+def field_docs() -> dict[str, dict[str, str]]:
+    """{group: {field: docstring}} read from this file's attribute docstrings (the single source of truth)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(inspect.getmodule(field_docs)))
+    docs: dict = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in {c.__name__ for c in GROUPS.values()}:
+            group = next(g for g, c in GROUPS.items() if c.__name__ == node.name)
+            docs[group] = {}
+            body = node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    doc = (nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                           and isinstance(nxt.value.value, str) else "")
+                    docs[group][stmt.target.id] = " ".join(doc.split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """The configuration reference in README.md: `python -m scaletune.config` prints it."""
+    lines = []
+    defaults = {g: cls() for g, cls in GROUPS.items() if g != "training"}
+    defaults["training"] = TrainingArguments()
+    for group, fields_ in field_docs().items():
+        lines += [f"#### {group}", "", "| key | default | meaning |", "|---|---|---|"]
+        for name, doc in fields_.items():
+            default = getattr(defaults[group], name)
+            default = "none" if default is None or default == [] else default
+            lines.append(f"| `{name}` | `{default}` | {doc.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -54,9 +54,28 @@ def check_files(cfg) -> None:
     for split, path in paths.items():
         if not os.path.isfile(path):
             raise DataError(f"{split}_file {path!r} does not exist.")
+        if _has_no_rows(path):
+            raise DataError(f"The {split} split is empty: {split}_file {path!r} holds no rows.")
     builders = {_builder_for(p)[0] for p in paths.values()}
     if len(builders) > 1:
         raise DataError(f"Data files mix formats ({', '.join(sorted(builders))}); use one format for all splits.")
+
+
+def _has_no_rows(path: str) -> bool:
+    """Cheap check on text formats (header-only CSV, blank JSONL/txt, `[]`); binary formats pass."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return False
+    with open(path, errors="replace") as f:
+        lines = []
+        for line in f:
+            if line.strip():
+                lines.append(line.strip())
+            if len(lines) >= 2:
+                break
+    if suffix in (".csv", ".tsv"):
+        return len(lines) < 2  # a header alone
+    return not lines or lines[0] in ("[]", "{}")
 
 
 def load_raw_datasets(cfg, streaming: bool = False):
@@ -86,7 +105,8 @@ def load_raw_datasets(cfg, streaming: bool = False):
         raw = _carve_validation(raw, d.validation_split_percentage, cfg.training.seed, streaming)
     for split, limit in (("train", d.max_train_samples), ("validation", d.max_eval_samples),
                          ("test", d.max_predict_samples)):
-        if split in raw and limit is not None:
+        # MLM counts max_*_samples in blocks after grouping, as run_mlm.py (tasks/mlm.py truncates).
+        if split in raw and limit is not None and d.task != "mlm":
             raw[split] = raw[split].take(limit) if streaming else raw[split].select(range(min(limit, len(raw[split]))))
     if not streaming:
         for split, ds in raw.items():
@@ -130,10 +150,19 @@ def _carve_validation(raw, percentage: int, seed: int, streaming: bool):
     return raw
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_dataloader(dataset, collator, batch_size: int, training: bool, args):
     from torch.utils.data import DataLoader
 
     # Shuffling goes through accelerate's seedable sampler (order = f(data_seed, epoch)), see distributed.py.
+    # No generator of its own: starting an iterator draws a seed from the global RNG, as Trainer's loaders do,
+    # so the dropout stream matches Trainer's (tests/test_parity_loss.py); loop.epoch_batches keeps that draw
+    # out of a mid-epoch resume.
     is_iterable = not hasattr(dataset, "__len__")
     return DataLoader(
         dataset,
@@ -142,5 +171,5 @@ def build_dataloader(dataset, collator, batch_size: int, training: bool, args):
         collate_fn=collator,
         drop_last=training and args.dataloader_drop_last,
         num_workers=args.dataloader_num_workers,
-        pin_memory=args.dataloader_pin_memory,
+        pin_memory=args.dataloader_pin_memory and _has_gpu(),  # pinning without a GPU only warns
     )

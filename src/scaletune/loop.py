@@ -8,6 +8,7 @@ The rules (when to evaluate, what is better, when to stop, what to delete) are p
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -57,17 +58,22 @@ def fit(c: Components, state: TrainingState, plan: Plan) -> str:
     last_logged_loss = None
 
     if t.eval_on_start and state.global_step == 0 and c.eval_dataloader is not None:
-        evaluate_and_track_best(c, state)
+        # As Trainer: a sanity check of the untrained model, not a candidate for the best model (it has no
+        # checkpoint) and no early-stopping evaluation.
+        evaluate_and_track_best(c, state, track_best=False)
 
     while state.global_step < plan.max_steps and not state.should_stop:
         epoch = state.epochs_completed
         batches = epoch_batches(c, state)
-        batches_per_epoch = len(c.train_dataloader)
-        remaining = batches_per_epoch - state.batches_in_epoch
+        batches_per_epoch = known_length(c.train_dataloader)  # None: a stream, read until exhausted
+        remaining = math.inf if batches_per_epoch is None else batches_per_epoch - state.batches_in_epoch
         while remaining > 0 and state.global_step < plan.max_steps:
             window = fetch_window(batches, min(t.gradient_accumulation_steps, remaining), c.meter)
-            if not window:  # a loader shorter than its len() (iterable datasets): the epoch is over
-                remaining = 0
+            if not window:  # a stream (or a loader shorter than its len()) is exhausted: the epoch is over
+                if state.batches_in_epoch == 0:
+                    raise ValueError("The training data yielded no batch in a whole epoch.")
+                state.epochs_completed += 1
+                state.batches_in_epoch = 0
                 break
             remaining -= len(window)
             step_loss, grad_norm, learning_rate = update(c, window)
@@ -75,7 +81,7 @@ def fit(c: Components, state: TrainingState, plan: Plan) -> str:
             steps_since_log += 1
             state.global_step += 1
             state.batches_in_epoch += len(window)
-            state.epoch = epoch + state.batches_in_epoch / batches_per_epoch
+            state.epoch = epoch + (state.batches_in_epoch / batches_per_epoch if batches_per_epoch else 0.0)
             c.meter.step_done()
 
             actions = schedule.step_actions(state.global_step, plan, t)
@@ -83,6 +89,10 @@ def fit(c: Components, state: TrainingState, plan: Plan) -> str:
                 state.epochs_completed += 1
                 state.batches_in_epoch = 0
                 actions = schedule.merge(actions, schedule.epoch_end_actions(state.epochs_completed, t))
+            elif state.global_step >= plan.max_steps:
+                # As Trainer (its on_epoch_end also runs when max_steps ends an epoch early): epoch-mode
+                # evaluation and saving happen at the last step of a partial last epoch too.
+                actions = schedule.merge(actions, schedule.epoch_end_actions(state.epoch, t))
 
             if actions.log and steps_since_log:
                 # Host-device sync point: one all-reduce of the summed loss and the grad norm.
@@ -101,12 +111,17 @@ def fit(c: Components, state: TrainingState, plan: Plan) -> str:
             new_best = False
             if actions.evaluate and c.eval_dataloader is not None:
                 new_best = evaluate_and_track_best(c, state)
+            stop_early = bool(t.early_stopping_patience) and state.patience_counter >= t.early_stopping_patience
+            if stop_early and remaining > 0:
+                # As Trainer (its on_epoch_end also runs when early stopping ends an epoch early): epoch-mode
+                # saving happens at the stopping step.
+                actions = schedule.merge(actions, schedule.StepActions(save=t.save_strategy == "epoch"))
 
             # Ours (§10): a new best is always saved, so the checkpoint reloaded at the end really is the best.
             if actions.save or (new_best and t.save_strategy != "no"):
                 save_and_rotate(c, state)
 
-            if t.early_stopping_patience and state.patience_counter >= t.early_stopping_patience:
+            if stop_early:
                 state.should_stop = True
                 save_state_only_if_saved(c, state)
                 c.tracker.progress(state.global_step, last_logged_loss, learning_rate)
@@ -122,14 +137,39 @@ def fit(c: Components, state: TrainingState, plan: Plan) -> str:
     return "early_stopping" if state.should_stop else "max_steps"
 
 
+def known_length(dataloader) -> Optional[int]:
+    """Batches per epoch, or None for a stream (`streaming: true`: an IterableDataset has no length)."""
+    try:
+        return len(dataloader)
+    except TypeError:
+        return None
+
+
 def epoch_batches(c: Components, state: TrainingState):
     """This epoch's batches from the current position: same order as an uninterrupted run (§16)."""
     dl = c.train_dataloader
     # The seedable sampler's order is a function of (data_seed, epoch): replaying it is exact.
     dl.set_epoch(state.epochs_completed)
-    if state.batches_in_epoch:
-        return iter(c.accelerator.skip_first_batches(dl, state.batches_in_epoch))
+    collate = getattr(dl, "collate_fn", None)
+    if hasattr(collate, "set_epoch"):  # MLM masks are a function of (seed, epoch, tokens): re-drawn per epoch
+        collate.set_epoch(state.epochs_completed)
+    if state.batches_in_epoch:  # skipped at the batch-sampler level: no data is loaded or collated
+        return without_rng_draw(iter(c.accelerator.skip_first_batches(dl, state.batches_in_epoch)))
     return iter(dl)
+
+
+def without_rng_draw(batches):
+    """A resumed epoch's batches, started without advancing the global RNG.
+
+    Starting a DataLoader iterator (at its first batch) draws a seed from the global RNG, as in Trainer, whose
+    dropout stream we reproduce. The uninterrupted run drew it at the epoch start, before the RNG state that a
+    mid-epoch resume restores was saved; drawing it again would shift every later dropout mask.
+    """
+    with torch.random.fork_rng(devices=[]):
+        first = next(batches, None)
+    if first is not None:
+        yield first
+    yield from batches
 
 
 def fetch_window(batches, size: int, meter) -> list:
@@ -191,7 +231,7 @@ def record(c: Components, state: TrainingState, logs: dict) -> None:
     c.tracker.log(logs, state.global_step)
 
 
-def evaluate_and_track_best(c: Components, state: TrainingState) -> bool:
+def evaluate_and_track_best(c: Components, state: TrainingState, track_best: bool = True) -> bool:
     """Evaluate; update the early-stopping counter (against the previous best, §12) and the best metric.
 
     Returns whether this evaluation is a new best.
@@ -206,6 +246,8 @@ def evaluate_and_track_best(c: Components, state: TrainingState) -> bool:
         raise MetricNotFound(f"metric_for_best_model={t.metric_for_best_model!r} is not among the evaluation "
                              f"metrics: {', '.join(sorted(metrics))}.")
     value = metrics[key]
+    if not track_best:
+        return False
     if t.early_stopping_patience:
         state.patience_counter = schedule.next_patience(state.patience_counter, value, state.best_metric,
                                                         t.greater_is_better, t.early_stopping_threshold)

@@ -3,33 +3,158 @@
 Interface used by the loop and train.py (keep it stable):
     watcher = PreemptionWatcher(); watcher.install()      # signal handlers (every rank)
     watcher.should_stop(accelerator) -> bool              # collective (all ranks call it after every update)
-    requeue_if_slurm()                                    # after the checkpoint: `scontrol requeue $SLURM_JOB_ID`
+    requeue_if_slurm(accelerator)                         # after the checkpoint: `scontrol requeue $SLURM_JOB_ID`
+
+Who gets the signal. `slurm/train.sh` asks Slurm for `--signal=USR1@N` *without* `B:`, so Slurm signals every
+process of the job step on every node: srun's task shell, `accelerate launch` (the torch elastic agent) and the
+training workers. The task shell starts the agent with USR1 and TERM ignored and tells torch elastic not to
+handle TERM (TORCHELASTIC_SIGNALS_TO_HANDLE), so the agent neither dies (USR1's default action is to terminate)
+nor kills its workers; it waits for them to exit. The workers install the handlers below. A signal sent to the
+batch shell only (`--signal=B:USR1@N`, `scancel --batch`) is forwarded to the step by train.sh.
+
+What happens then. The handler only sets a flag. After every optimizer update all ranks OR their flags in one
+all-reduce, so every rank stops after the same update even if the signal reached the nodes at different steps.
+The loop writes a complete checkpoint there (trainer_state.json last: an interrupted save is never resumed
+from), and the global main process requeues the job once. On restart train.sh adds
+`--resume_from_checkpoint latest`, and the run continues from that checkpoint exactly.
+
+SIGTERM is what Slurm sends on preemption, `scancel` and time-out (after which it waits KillWait, 30 s by
+default, before SIGKILL). It is handled the same way, but requeueing is left to Slurm's state: a job that is
+no longer RUNNING (cancelled, timed out, already requeued by Slurm or by `scontrol requeue`) is not requeued
+again, so a user's `scancel` stays a cancel.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
+import sys
+from typing import Mapping, Optional
 
 import torch
 
+DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
 
 class PreemptionWatcher:
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.signals = signals
+    """Turns a preemption signal into a stop decision that every rank shares."""
+
+    def __init__(self, signals=DEFAULT_SIGNALS):
+        self.signals = tuple(signals)
         self.requested = False
+        self.signal_name: Optional[str] = None
 
     def install(self) -> None:
+        """Handle the signals in this process (Python handlers run in the main thread, between bytecodes)."""
         for sig in self.signals:
             signal.signal(sig, self._handle)
+            # Restart interrupted system calls: a signal arriving during a blocking read or a gloo/NCCL wait
+            # must set the flag, not make that call fail with EINTR.
+            signal.siginterrupt(sig, False)
 
     def _handle(self, signum, frame) -> None:
+        first = not self.requested
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        if first:
+            # os.write, not print: a handler may run while print() is already writing (reentrant call error).
+            rank = os.environ.get("RANK", "0")
+            os.write(2, f"scaletune: rank {rank} received {self.signal_name}; will checkpoint after the current "
+                        f"update and stop.\n".encode())
 
     def should_stop(self, accelerator) -> bool:
-        # Host-device sync point: one tiny all-reduce per update so every rank stops at the same step.
+        """Collective: True on every rank if any rank was signalled. Call after every optimizer update."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        # Host-device sync point: one scalar all-reduce per update, so every rank stops at the same step.
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def requeue_if_slurm(accelerator=None) -> bool:
-    return False
+# --------------------------------------------------------------------------- requeue
+
+
+def parse_job_record(text: str) -> dict:
+    """One line of `scontrol show job -o` -> {key: value} (JobState, Requeue, BatchFlag, Restarts, ...)."""
+    record: dict = {}
+    for field in text.split():
+        key, eq, value = field.partition("=")
+        if eq:
+            record.setdefault(key, value)  # the first occurrence: Command= may carry user arguments later on
+    return record
+
+
+def requeue_decision(job: Mapping[str, str]) -> tuple[bool, str]:
+    """Pure: should this job requeue itself? Returns (decision, reason to print)."""
+    if not job:
+        return False, "Slurm does not know this job (scontrol show job failed)"
+    state = job.get("JobState", "")
+    if state != "RUNNING":
+        # Cancelled, timed out, or already being requeued by Slurm / by `scontrol requeue`: requeueing again
+        # would revive a cancelled job or requeue twice.
+        return False, f"the job is {state or 'in an unknown state'}, not RUNNING"
+    if job.get("BatchFlag") == "0":
+        return False, "only batch jobs (sbatch) can be requeued; this is an interactive allocation"
+    if job.get("Requeue") == "0":
+        return False, "the job was submitted with --no-requeue (submit with --requeue)"
+    return True, "requeueing"
+
+
+def is_global_main_process(accelerator=None, env: Optional[Mapping[str, str]] = None) -> bool:
+    if accelerator is not None:
+        return bool(accelerator.is_main_process)
+    env = os.environ if env is None else env
+    return env.get("RANK", "0") == "0"
+
+
+def requeue_if_slurm(accelerator=None, env: Optional[Mapping[str, str]] = None) -> bool:
+    """After the preemption checkpoint: requeue this Slurm batch job, exactly once, from the global main process.
+
+    Collective when given the accelerator (every rank calls it). Slurm answers a requeue by sending SIGTERM to
+    every process of the job (SIGKILL after KillWait), so first every rank stops listening for preemption
+    signals -- at interpreter exit Python would reset our handler to the default, and a SIGTERM arriving then
+    would turn a clean exit into a failure -- and W&B's service process is shut down cleanly. Returns True if
+    this process requeued the job. Outside Slurm it only does the above.
+    """
+    env = os.environ if env is None else env
+    ignore_preemption_signals()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # every rank ignores SIGTERM before it can arrive
+    job_id = env.get("SLURM_JOB_ID")
+    if not job_id or not is_global_main_process(accelerator, env):
+        return False
+    if shutil.which("scontrol") is None:
+        _say(f"not requeueing job {job_id}: scontrol is not on PATH; resubmit with --resume_from_checkpoint latest.")
+        return False
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    decision, reason = requeue_decision(parse_job_record(shown.stdout) if shown.returncode == 0 else {})
+    if not decision:
+        _say(f"not requeueing job {job_id}: {reason}.")
+        return False
+    _teardown_wandb()
+    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        _say(f"scontrol requeue {job_id} failed: {done.stderr.strip()}; resubmit with "
+             f"--resume_from_checkpoint latest.")
+        return False
+    _say(f"requeued job {job_id}; the next attempt resumes from the latest complete checkpoint.")
+    return True
+
+
+def ignore_preemption_signals(signals=DEFAULT_SIGNALS) -> None:
+    """The stop is decided and the checkpoint written: further preemption signals have nothing left to do."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _teardown_wandb() -> None:
+    """Stop W&B's service process now (it would die from Slurm's SIGTERM under its atexit teardown)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and hasattr(wandb, "teardown"):
+        wandb.teardown()
+
+
+def _say(message: str) -> None:
+    print(f"scaletune: {message}", file=sys.stderr, flush=True)

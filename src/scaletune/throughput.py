@@ -168,6 +168,7 @@ class ThroughputMeter:
     def _reset(self) -> None:
         self.samples = 0
         self.tokens = 0
+        self._on_device: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.busy = 0.0
         self.wait = 0.0
@@ -180,11 +181,16 @@ class ThroughputMeter:
             self._step_start = time.perf_counter() - seconds
         self.wait += seconds
 
-    def add_batch(self, num_samples: int, num_tokens: int) -> None:
-        # Plain ints: a tensor here would need a host-device sync per micro-batch; the loop should pass .item()
-        # only if it syncs anyway, otherwise keep counts on the host (e.g. from the collated batch before .to()).
-        self.samples += int(num_samples)
-        self.tokens += int(num_tokens)
+    def add_batch(self, num_samples, num_tokens) -> None:
+        """Counts as ints or as tensors (e.g. attention_mask.sum() on the GPU): tensors are summed on their
+        device, so counting costs no host-device sync; they are read once per interval in interval_metrics."""
+        for name, value in (("samples", num_samples), ("tokens", num_tokens)):
+            if torch.is_tensor(value):
+                value = value.detach().to(torch.float32 if value.device.type == "mps" else torch.float64)
+                pending = self._on_device.get(name)
+                self._on_device[name] = value if pending is None else pending + value
+            else:
+                setattr(self, name, getattr(self, name) + int(value))
 
     def step_done(self) -> None:
         now = time.perf_counter()
@@ -204,12 +210,16 @@ class ThroughputMeter:
         """Collective: every rank must call it at the same step. Returns the same dict on all ranks."""
         mem_key, mem = self._local_peak_memory()
         device = self.accelerator.device
-        # float64: token counts stay exact far beyond float32's 2**24.
+        # float64: token counts stay exact far beyond float32's 2**24 (MPS has no float64).
+        dtype = torch.float32 if device.type == "mps" else torch.float64
         sums = torch.tensor(
             [self.samples, self.tokens, self.busy, self.wait, self.peak or 0.0, 0.0 if self.peak else 1.0],
-            dtype=torch.float64, device=device,
+            dtype=dtype, device=device,
         )
-        maxes = torch.tensor([self.busy, mem, self.steps], dtype=torch.float64, device=device)
+        for i, name in ((0, "samples"), (1, "tokens")):
+            if name in self._on_device:
+                sums[i] += self._on_device[name].to(device=device, dtype=dtype)
+        maxes = torch.tensor([self.busy, mem, self.steps], dtype=dtype, device=device)
         # Host-device sync point: two small all-reduces, once per log interval.
         sums = self.accelerator.reduce(sums, reduction="sum").tolist()
         maxes = self.accelerator.reduce(maxes, reduction="max").tolist()

@@ -12,7 +12,8 @@ Interface used by the loop (keep it stable):
 
 What gets written (main process only):
     output_dir/metrics.jsonl     one line per log/eval event: {"step": N, "loss": ..., "eval_accuracy": ...};
-                                 appended on resume, so a requeued job keeps one file
+                                 appended on resume (run_id given), so a requeued job keeps one file; a fresh
+                                 start (run_id None) begins a new file
     output_dir/curves.png        training/evaluation curves, redrawn from metrics.jsonl at the end
     W&B                          keys as transformers' WandbCallback: `eval_x` -> `eval/x`, `test_x` -> `test/x`,
                                  everything else `train/x`; step = optimizer step; run id = tracker.run_id
@@ -28,6 +29,7 @@ import importlib.util
 import json
 import math
 import os
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -252,17 +254,23 @@ def format_summary(summary: Mapping[str, Any], metric_for_best: Optional[str], w
         rows.append(("best", f"{name} = {summary['best_metric']:.6g} at step {summary.get('best_global_step')}"))
     if summary.get("best_model_checkpoint"):
         rows.append(("best checkpoint", str(summary["best_model_checkpoint"])))
-    finals = {k: to_python(v) for k, v in summary.items() if k.startswith(("eval_", "test_"))}
-    for k, v in finals.items():
-        rows.append((k, f"{v:.6g}" if isinstance(v, float) else str(v)))
+    for prefix in ("eval", "test"):  # final metrics: one wrapped row per split
+        finals = [f"{k[len(prefix) + 1:]} {_short(to_python(v))}" for k, v in summary.items()
+                  if k.startswith(prefix + "_")]
+        for i, chunk in enumerate(textwrap.wrap("  ".join(finals), 80)):
+            rows.append((f"final {prefix}" if i == 0 else "", chunk))
     for label, key in (("output dir", "output_dir"), ("model", "model_dir"), ("predictions", "predictions_file")):
-        if summary.get(key):
+        if summary.get(key) and (key == "output_dir" or summary[key] != summary.get("output_dir")):
             rows.append((label, str(summary[key])))
     rows += [(label, str(p)) for label, p in written.items() if p]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     rule = "=" * min(100, max(len(line) for line in lines))
     return "\n".join([rule, "  scaletune: run finished", rule, *lines, rule])
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _hms(seconds: float) -> str:
@@ -311,6 +319,10 @@ class RunTracker:
         self._bar = None
         self._t0 = time.time()
         if self.is_main:
+            if run_id is None:
+                # A fresh start (no checkpoint to resume, e.g. overwrite_output_dir) must not extend an old
+                # run's log; a resume (run_id from the checkpoint) appends to it.
+                self.jsonl_path.unlink(missing_ok=True)
             self._start_trackers(env)
 
     def _start_trackers(self, env: Mapping[str, str]) -> None:

@@ -32,11 +32,20 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def preflight(cfg):
+def preflight(cfg, compute_metrics: Optional[Callable] = None):
     """Checks that need no model or data loading: bad input fails in seconds, nothing is overwritten."""
     from . import checkpoint, data
+    from .schedule import metric_key
+    from .tasks import get_task
+    from .tracking import check_report_to
 
     t = cfg.training
+    check_report_to(t.report_to)
+    if t.metric_for_best_model and compute_metrics is None:  # a custom compute_metrics is only known later
+        known = [f"eval_{m}" for m in get_task(cfg.data.task).metric_names]
+        if metric_key(t.metric_for_best_model) not in known:
+            raise ConfigError(f"metric_for_best_model={t.metric_for_best_model!r} is not an evaluation metric of "
+                              f"the {cfg.data.task} task; choose one of {', '.join(known)}.")
     data.check_files(cfg)
     resume = checkpoint.resolve_resume(t.output_dir, t.resume_from_checkpoint)
     checkpoint.check_output_dir(t.output_dir, resuming=resume is not None, overwrite=t.overwrite_output_dir)
@@ -47,24 +56,25 @@ def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
         overrides: Optional[dict] = None) -> RunResult:
     """Train, evaluate, export and predict as configured. `config`: dict, YAML/JSON path, CLI args list."""
     cfg = load_config(config, overrides)
-    resume_path = preflight(cfg)
+    resume_path = preflight(cfg, compute_metrics)
 
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
     from . import checkpoint, data, schedule
     from .assets import model_path
-    from .distributed import build_accelerator
+    from .distributed import build_accelerator, configure_model
     from .loop import Components, fit
     from .optim import build_optimizer, build_scheduler
     from .preemption import PreemptionWatcher, requeue_if_slurm
     from .state import TrainingState
     from .tasks import get_task
     from .throughput import ThroughputMeter
-    from .tracking import RunTracker
+    from .tracking import RunTracker, quiet_other_ranks
 
     t, d = cfg.training, cfg.data
     accelerator = build_accelerator(cfg)
+    quiet_other_ranks(accelerator)
     watcher = PreemptionWatcher()
     watcher.install()  # early: a preemption during data loading still checkpoints nothing but exits cleanly
     set_seed(t.seed)
@@ -76,7 +86,7 @@ def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
     raw = data.load_raw_datasets(cfg, streaming=d.streaming)
     prepared = task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first)
     set_seed(t.seed)  # the head's init does not depend on how much randomness data loading used
-    model = task.build_model(cfg, prepared, tokenizer)
+    model = configure_model(task.build_model(cfg, prepared, tokenizer), t)  # gradient checkpointing
 
     train_dl = data.build_dataloader(prepared.train, task.collator(tokenizer, cfg, True),
                                      t.per_device_train_batch_size, True, t) if t.do_train else None
@@ -115,7 +125,11 @@ def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
     stop_reason = fit(comps, state, plan) if t.do_train else "no_training"
     if stop_reason == "preempted":
         accelerator.print(f"Preempted at step {state.global_step}; checkpoint written, requeueing.")
-        requeue_if_slurm(accelerator)
+        # Close the trackers before requeueing: Slurm answers a requeue with SIGTERM to every process of the
+        # job. The requeued attempt continues the same W&B run (its id is in the checkpoint).
+        comps.tracker.finish({"global_step": state.global_step, "stop_reason": stop_reason,
+                              "output_dir": t.output_dir})
+        requeue_if_slurm(accelerator)  # collective
         accelerator.end_training()
         return _result(cfg, state, {}, stop_reason, None)
     metrics, predictions_file = finish(comps, state, test_dl, prepared)

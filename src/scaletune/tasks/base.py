@@ -42,6 +42,8 @@ class Task:
 
     name: str = ""
     default_metric_for_best_model: str = "loss"
+    metric_names: tuple = ("loss",)
+    """Evaluation metrics the task reports (without `eval_`), checked against metric_for_best_model up front."""
 
     def prepare_data(self, raw, tokenizer, cfg, main_process_first: Callable) -> PreparedData:
         """Tokenize the raw `DatasetDict` (splits train/validation/test, some may be missing).

@@ -19,6 +19,7 @@ _ID_COLUMNS = ("id", "idx", "guid")
 class ClassificationTask(Task):
     name = "classification"
     default_metric_for_best_model = "loss"
+    metric_names = ("loss", "accuracy", "precision", "recall", "f1", "matthews_correlation")
 
     # ------------------------------------------------------------------ data
     def text_columns(self, columns: list[str], cfg) -> tuple[str, ...]:

@@ -230,6 +230,7 @@ class MaskedLMTask(Task):
 
     name = "mlm"
     default_metric_for_best_model = "loss"
+    metric_names = ("loss", "perplexity", "accuracy")
 
     # ----------------------------------------------------------------- data
 
@@ -295,11 +296,17 @@ class MaskedLMTask(Task):
 
     def build_model(self, cfg, prepared: PreparedData, tokenizer):
         m = cfg.model
-        model = AutoModelForMaskedLM.from_pretrained(
+        model, loading = AutoModelForMaskedLM.from_pretrained(
             model_path(m.model_name_or_path), config=_model_config(cfg), cache_dir=m.cache_dir,
             revision=m.model_revision, trust_remote_code=m.trust_remote_code,
-            ignore_mismatched_sizes=m.ignore_mismatched_sizes,
+            ignore_mismatched_sizes=m.ignore_mismatched_sizes, output_loading_info=True,
         )
+        new_head = untrained_head_weights(loading.get("missing_keys", ()), model.base_model_prefix)
+        if new_head:
+            # Encoder-only checkpoints (e.g. the packaged MiniLM, a sentence encoder) ship no MLM head.
+            logger.warning("%s has no pretrained masked-LM head (%d head tensors newly initialised, e.g. %s): "
+                           "expect a high starting loss that falls as the head is learned.",
+                           m.model_name_or_path, len(new_head), new_head[0])
         resize_token_embeddings(model, len(tokenizer))
         return model
 
@@ -332,6 +339,11 @@ class MaskedLMTask(Task):
         test_perplexity, test_accuracy). Argmax ids at randomly masked positions are not a useful file;
         use the exported model in a `fill-mask` pipeline to get predictions for given texts."""
         return None
+
+
+def untrained_head_weights(missing_keys, base_model_prefix: str) -> list[str]:
+    """Checkpoint tensors missing outside the encoder (`bert.`, `roberta.`...): the head starts random."""
+    return sorted(k for k in missing_keys if not k.startswith(base_model_prefix + "."))
 
 
 def resize_token_embeddings(model, num_tokens: int) -> Optional[int]:
