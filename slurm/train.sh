@@ -2,18 +2,21 @@
 # scaletune on a SLURM cluster: one srun task per node, each running `./launch` (= accelerate launch) for the
 # processes of that node.
 #
-#   sbatch slurm/train.sh recipe.yaml --output_dir /scratch/$USER/run1          # 1 node, 8 GPUs
-#   sbatch --nodes=4 --partition=gpu --time=04:00:00 slurm/train.sh recipe.yaml --max_steps 20000
-#   ACCELERATE_CONFIG=deepspeed_zero3 sbatch --nodes=2 slurm/train.sh recipe.yaml --bf16
+#   sbatch slurm/train.sh [PRESET] [CONFIG] [--key value ...]
 #
-# Everything after the script name goes to `python -m scaletune.train` (a config file and/or --key value).
+#   sbatch slurm/train.sh my_job.yaml --output_dir /scratch/$USER/run1            # 1 node x 8 GPUs, DDP
+#   sbatch --nodes=4 --partition=gpu --time=04:00:00 slurm/train.sh my_job.yaml --max_steps 20000
+#   sbatch --nodes=2 slurm/train.sh deepspeed_zero3 my_job.yaml --bf16            # a preset, as ./launch
+#
+# PRESET (optional) is an accelerate_configs/ name or an accelerate config file (one with distributed_type:);
+# everything else goes to `python -m scaletune.train` (a config file and/or --key value).
 # Submit with the Python environment that has scaletune installed activated: the job inherits it.
 #
 # The #SBATCH lines below are defaults. Options on the sbatch command line override them, and so do sbatch's
 # SBATCH_* variables (SBATCH_PARTITION, SBATCH_TIMELIMIT, SBATCH_GPUS_PER_NODE, SBATCH_ACCOUNT, SBATCH_QOS, ...).
 # Variables read by this script:
-#   ACCELERATE_CONFIG  preset name from accelerate_configs/ or a path to an accelerate config
-#                      (default: single_gpu, multi_gpu or multi_node, from the process and node counts)
+#   ACCELERATE_CONFIG  the preset when none is given as the first argument (default: single_gpu, multi_gpu
+#                      or multi_node, from the process and node counts)
 #   NPROC_PER_NODE     training processes per node (default: the GPUs allocated per node; without GPUs 1,
 #                      and the job trains on CPU)
 #   MAIN_PORT          rendezvous port on the first node (default: derived from the job id)
@@ -64,6 +67,22 @@ submitted=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o ' Command
 home=${SCALETUNE_HOME:-$( [[ -n "$submitted" ]] && cd "$(dirname "$submitted")/.." 2>/dev/null && pwd || echo "$PWD")}
 [[ -x "$home/launch" ]] || die "cannot find the scaletune checkout (no $home/launch); set SCALETUNE_HOME."
 
+# The first argument is the preset if it names one; otherwise ACCELERATE_CONFIG, otherwise chosen below.
+is_accelerate_config() {
+    [[ "$1" != -* ]] && { [[ -f "$home/accelerate_configs/$1.yaml" ]] \
+        || { [[ -f "$1" ]] && grep -q '^distributed_type:' "$1"; }; }
+}
+preset=${ACCELERATE_CONFIG:-}
+if (( $# > 0 )) && is_accelerate_config "$1"; then
+    preset=$1
+    shift
+fi
+if [[ -n "$preset" ]]; then
+    is_accelerate_config "$preset" || die "accelerate config '$preset' is neither a preset nor a file with" \
+        "distributed_type:; presets: $(cd "$home/accelerate_configs" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
+    [[ -f "$preset" ]] && preset=$(cd "$(dirname "$preset")" && pwd)/$(basename "$preset")
+fi
+
 train_args=("$@")
 if (( attempt > 0 )); then
     # A requeued attempt (preemption, time limit): continue from the latest complete checkpoint. Appended last,
@@ -97,17 +116,14 @@ main_host=${hosts[0]}
 # may start before the previous attempt's port is free. Below Linux's ephemeral range (32768+).
 main_port=${MAIN_PORT:-$(( 10000 + (SLURM_JOB_ID % 5000) * 4 + attempt % 4 ))}
 
-if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
-    preset=$ACCELERATE_CONFIG
-    [[ -f "$preset" || -f "$home/accelerate_configs/$preset.yaml" ]] || die "ACCELERATE_CONFIG=$preset is" \
-        "neither a file nor a preset; presets: $(cd "$home/accelerate_configs" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
-    [[ -f "$preset" ]] && preset=$(cd "$(dirname "$preset")" && pwd)/$(basename "$preset")
-elif (( num_nodes > 1 )); then
-    preset=multi_node
-elif (( nproc_per_node > 1 )); then
-    preset=multi_gpu
-else
-    preset=single_gpu
+if [[ -z "$preset" ]]; then
+    if (( num_nodes > 1 )); then
+        preset=multi_node
+    elif (( nproc_per_node > 1 )); then
+        preset=multi_gpu
+    else
+        preset=single_gpu
+    fi
 fi
 
 launch_args=(--num_machines "$num_nodes" --num_processes "$nproc_per_node"

@@ -10,6 +10,7 @@ files (and, for masked-LM, scaletune's content-seeded masking collator, so both 
 from __future__ import annotations
 
 import csv
+import random
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +23,32 @@ def write_rows(path: Path, rows: list[tuple[str, int]]) -> str:
         w.writerow(["text", "label"])
         w.writerows(rows)
     return str(path)
+
+
+def uneven_lines(n: int = 24, seed: int = 5) -> list[str]:
+    """Mostly 2-4 word lines with a 40-word line every 8th: masked-token counts per batch differ a lot."""
+    from conftest import WORDS_FILL, WORDS_NEG, WORDS_POS
+
+    rng = random.Random(seed)
+    words = WORDS_POS + WORDS_NEG + WORDS_FILL
+    return [" ".join(rng.choices(words, k=40 if i % 8 == 3 else rng.randint(2, 4))) for i in range(n)]
+
+
+def prepared_mlm(job: dict):
+    """scaletune's tokenized masked-LM splits and masking collators for a run config (for the Trainer side)."""
+    import contextlib
+
+    from transformers import AutoTokenizer
+
+    from scaletune import data as st_data
+    from scaletune.config import load_config
+    from scaletune.tasks import get_task
+
+    cfg = load_config(job)
+    tok = AutoTokenizer.from_pretrained(job["model_name_or_path"])
+    task = get_task("mlm")
+    prepared = task.prepare_data(st_data.load_raw_datasets(cfg), tok, cfg, contextlib.nullcontext)
+    return prepared, tok, task.collator(tok, cfg, True), task.collator(tok, cfg, False)
 
 
 def tokenized_classification(model_dir: str, files: dict, max_length: int = 128):

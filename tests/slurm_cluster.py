@@ -94,8 +94,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], env: dict | None = None, timeout: float = 60, check: bool = True):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], env: dict | None = None, timeout: float = 60, check: bool = True, cwd=None):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
@@ -261,8 +261,10 @@ class SlurmCluster:
     # ---------------------------------------------------------------- jobs
 
     def sbatch(self, args: list[str], env: dict | None = None, cwd=None) -> str:
-        """Submit; returns the job id. `env` is added to the cluster env (the job inherits it: --export=ALL)."""
-        proc = _run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, timeout=30)
+        """Submit; returns the job id. `env` is added to the cluster env (the job inherits it: --export=ALL);
+        a None value removes the variable."""
+        full = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}
+        proc = _run(["sbatch", "--parsable", *args], env=full, timeout=30, cwd=cwd)
         return proc.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict:

@@ -179,7 +179,7 @@ def test_finetunes_real_minilm_above_majority(tmp_path):
     r = run({"model_name_or_path": "packaged:minilm", "dataset_name": "packaged:rotten_tomatoes",
              "max_train_samples": 640, "max_eval_samples": 200, "max_seq_length": 48,
              "output_dir": str(tmp_path / "o"), "num_train_epochs": 1, "per_device_train_batch_size": 16,
-             "per_device_eval_batch_size": 100, "learning_rate": 1e-4, "warmup_steps": 0.1, "logging_steps": 10,
+             "per_device_eval_batch_size": 100, "learning_rate": 2e-4, "warmup_steps": 0.1, "logging_steps": 10,
              "save_strategy": "no", "do_predict": False, "disable_tqdm": True})
     import csv
     from collections import Counter

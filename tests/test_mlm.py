@@ -452,8 +452,12 @@ def test_streaming_run_restarts_the_stream_until_max_steps(mechanics, tmp_path):
     from scaletune.train import run
 
     result = run({**mechanics["base"], "streaming": True, "per_device_train_batch_size": 4, "max_steps": 5,
-                  "eval_steps": 5, "output_dir": str(tmp_path / "stream")})
+                  "eval_steps": 5, "do_predict": True, "test_file": mechanics["files"]["validation_file"],
+                  "output_dir": str(tmp_path / "stream")})
     assert result.global_step == 5 and result.stop_reason == "max_steps"
+    # MLM's test split gives metrics, not a predictions file (as run_mlm.py); none is claimed.
+    assert "test_loss" in result.metrics and result.predictions_file is None
+    assert not (tmp_path / "stream" / "predictions.csv").exists()
     assert {e["epoch"] for e in _train_entries(result.log_history)} == {0.0, 1.0, 2.0}  # 2 batches per pass
     assert result.metrics["eval_perplexity"] == pytest.approx(math.exp(result.metrics["eval_loss"]), rel=1e-9)
 
@@ -478,3 +482,10 @@ def test_resume_mid_epoch_matches_uninterrupted_and_best_model_reloads(mechanics
             assert e["loss"] == pytest.approx(ref[4]["loss"], rel=1e-5)
             assert e["grad_norm"] == pytest.approx(ref[4]["grad_norm"], rel=1e-5)
     assert 4 in {e["step"] for e in _train_entries(resumed.log_history)}
+
+
+@pytest.mark.parametrize("recipe", ["mlm_demo", "mlm_cola"])
+def test_recipes_are_valid_mlm_configs(recipe):
+    cfg = load_config(recipe)
+    assert cfg.data.task == "mlm" and cfg.data.max_seq_length and cfg.training.load_best_model_at_end
+    assert cfg.training.metric_for_best_model == "loss"  # best model by eval_loss

@@ -9,7 +9,6 @@ LayerNorm, warmup + linear decay, gradient clipping, and the logged loss / learn
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -22,11 +21,11 @@ JOB = dict(per_device_train_batch_size=8, per_device_eval_batch_size=16, num_tra
            logging_steps=1, eval_strategy="steps", eval_steps=25, save_strategy="no")
 MAX_GRAD_NORM = JOB["max_grad_norm"]
 
-# Remaining difference: Trainer's default optimizer is AdamW(fused=True), scaletune's the unfused
-# torch.optim.AdamW. Both compute the same update in fp32 with a different operation order, so they agree
-# to float32 rounding (~1e-7 relative per step, measured 2e-7 over 60 steps). The bounds leave ~50x room.
+# In practice both sides are bit-identical (scaletune uses Trainer's default fused AdamW and draws the
+# DataLoader seeds from the same global RNG stream). The tolerances are the contract: loss, learning
+# rate and grad norm within 1e-5 relative; weights within 1e-6 absolute after 60 steps.
 REL_TOL = 1e-5
-WEIGHT_TOL = 1e-5
+WEIGHT_TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -95,4 +94,4 @@ def test_final_weights_match_trainer(both_sides, tiny_bert):
     start = weights(tiny_bert)
     for name in ("bert.embeddings.LayerNorm.weight", "bert.encoder.layer.0.attention.self.query.bias",
                  "classifier.weight"):
-        assert (final[name] - start[name]).abs().max().item() > 100 * WEIGHT_TOL, name
+        assert (final[name] - start[name]).abs().max().item() > 1000 * WEIGHT_TOL, name

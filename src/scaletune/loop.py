@@ -214,9 +214,8 @@ def update(c: Components, window: list):
                                        ignore_index=-100, reduction="sum")
             acc.backward(loss_sum * scale)
         step_loss += loss_sum.detach() / global_items
-    grad_norm = None
-    if t.max_grad_norm > 0:
-        grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm)  # norm before clipping
+    # The norm before clipping; with clipping off it is still measured and logged, as Trainer does.
+    grad_norm = acc.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
     c.optimizer.step()
     learning_rate = c.scheduler.get_last_lr()[0]  # the rate this update used (Trainer logs it so)
     if not acc.optimizer_step_was_skipped:  # an fp16 overflow skipped the update: keep the schedule (§18)

@@ -1,27 +1,27 @@
 """Preemption: SIGUSR1/SIGTERM -> all ranks agree on a stop step -> checkpoint -> requeue.
 
 Interface used by the loop and train.py (keep it stable):
-    watcher = PreemptionWatcher(); watcher.install()      # signal handlers (every rank)
+    watcher = PreemptionWatcher(); watcher.install()      # signal handling (every rank)
     watcher.should_stop(accelerator) -> bool              # collective (all ranks call it after every update)
-    requeue_if_slurm(accelerator)                         # after the checkpoint: `scontrol requeue $SLURM_JOB_ID`
+    requeue_if_slurm(accelerator)                         # collective, after the checkpoint: `scontrol requeue`
 
-Who gets the signal. `slurm/train.sh` asks Slurm for `--signal=USR1@N` *without* `B:`, so Slurm signals every
-process of the job step on every node: srun's task shell, `accelerate launch` (the torch elastic agent) and the
-training workers. The task shell starts the agent with USR1 and TERM ignored and tells torch elastic not to
-handle TERM (TORCHELASTIC_SIGNALS_TO_HANDLE), so the agent neither dies (USR1's default action is to terminate)
-nor kills its workers; it waits for them to exit. The workers install the handlers below. A signal sent to the
-batch shell only (`--signal=B:USR1@N`, `scancel --batch`) is forwarded to the step by train.sh.
+Who gets the signal. Slurm signals every process of the job step on every node: with `--signal=USR1@N` (no
+`B:`; slurm/train.sh asks for it), on `scancel --signal=USR1`, and with SIGTERM on preemption, `scancel` and at
+the time limit (then SIGKILL after KillWait, 30 s by default). Under `srun -> ./launch -> accelerate launch
+(torch elastic agent) -> workers`, slurm/train.sh starts the agent with USR1 and TERM ignored and tells torchrun
+not to handle TERM (PET_SIGNALS_TO_HANDLE), so the agent neither dies (USR1's default action) nor kills its
+workers mid-checkpoint: it waits for them. A signal sent to the batch shell only (`--signal=B:USR1@N`,
+`scancel --batch`) is forwarded to the step by train.sh. The workers handle the signals here.
 
-What happens then. The handler only sets a flag. After every optimizer update all ranks OR their flags in one
+What happens then. The signal only sets a flag. After every optimizer update all ranks OR their flags in one
 all-reduce, so every rank stops after the same update even if the signal reached the nodes at different steps.
 The loop writes a complete checkpoint there (trainer_state.json last: an interrupted save is never resumed
 from), and the global main process requeues the job once. On restart train.sh adds
 `--resume_from_checkpoint latest`, and the run continues from that checkpoint exactly.
 
-SIGTERM is what Slurm sends on preemption, `scancel` and time-out (after which it waits KillWait, 30 s by
-default, before SIGKILL). It is handled the same way, but requeueing is left to Slurm's state: a job that is
-no longer RUNNING (cancelled, timed out, already requeued by Slurm or by `scontrol requeue`) is not requeued
-again, so a user's `scancel` stays a cancel.
+Requeueing is left to Slurm's view of the job: a job that is no longer RUNNING (cancelled, timed out, already
+requeued by Slurm's preemption or by `scontrol requeue`) is not requeued again, so a user's `scancel` stays a
+cancel and no job is requeued twice.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from typing import Mapping, Optional
 
 import torch
@@ -47,12 +48,23 @@ class PreemptionWatcher:
         self.signal_name: Optional[str] = None
 
     def install(self) -> None:
-        """Handle the signals in this process (Python handlers run in the main thread, between bytecodes)."""
+        """Receive the preemption signals in this process, and keep them away from the processes it starts.
+
+        Slurm signals *every* process of the job, including helpers this process starts later: W&B's service
+        (a Go program: SIGTERM kills it, and the next `wandb.log` then fails the run before it can checkpoint),
+        data-loader and compile workers (USR1's default action kills them). So the signals are blocked in this
+        thread -- threads and child processes started from now on inherit the mask -- and one watcher thread
+        takes them with `sigwait`. The handler stays installed for threads started before this call.
+        """
         for sig in self.signals:
             signal.signal(sig, self._handle)
-            # Restart interrupted system calls: a signal arriving during a blocking read or a gloo/NCCL wait
-            # must set the flag, not make that call fail with EINTR.
-            signal.siginterrupt(sig, False)
+            signal.siginterrupt(sig, False)  # there, restart an interrupted system call instead of failing it
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        threading.Thread(target=self._wait_for_signals, name="scaletune-preemption", daemon=True).start()
+
+    def _wait_for_signals(self) -> None:
+        while True:
+            self._handle(signal.sigwait(self.signals), None)
 
     def _handle(self, signum, frame) -> None:
         first = not self.requested

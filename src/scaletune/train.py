@@ -87,6 +87,9 @@ def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
     prepared = task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first)
     set_seed(t.seed)  # the head's init does not depend on how much randomness data loading used
     model = configure_model(task.build_model(cfg, prepared, tokenizer), t)  # gradient checkpointing
+    # Seeded again, as Trainer.__init__ does after the user built the model: the dropout stream then does not
+    # depend on how much randomness a new head's init drew (tests/test_parity_migration.py).
+    set_seed(t.seed)
 
     train_dl = data.build_dataloader(prepared.train, task.collator(tokenizer, cfg, True),
                                      t.per_device_train_batch_size, True, t) if t.do_train else None
@@ -124,7 +127,7 @@ def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
                        compute_metrics=compute_metrics)
     stop_reason = fit(comps, state, plan) if t.do_train else "no_training"
     if stop_reason == "preempted":
-        accelerator.print(f"Preempted at step {state.global_step}; checkpoint written, requeueing.")
+        accelerator.print(f"Preempted at step {state.global_step}; checkpoint written.")
         # Close the trackers before requeueing: Slurm answers a requeue with SIGTERM to every process of the
         # job. The requeued attempt continues the same W&B run (its id is in the checkpoint).
         comps.tracker.finish({"global_step": state.global_step, "stop_reason": stop_reason,
@@ -162,13 +165,16 @@ def finish(c, state, test_dl, prepared):
         if acc.is_main_process:
             predictions_file = str(Path(t.output_dir) / "predictions.csv")
             c.task.write_predictions(predictions_file, predictions, prepared, acc.unwrap_model(c.model).config)
+            if not Path(predictions_file).exists():  # MLM writes none: its test split gives metrics only
+                predictions_file = None
     if acc.is_main_process:
         Path(t.output_dir, "all_results.json").write_text(json.dumps(metrics, indent=2))
         state.save(t.output_dir)
     c.tracker.finish({**metrics, "global_step": state.global_step, "best_metric": state.best_metric,
                       "best_global_step": state.best_global_step,
                       "best_model_checkpoint": state.best_model_checkpoint, "output_dir": t.output_dir,
-                      "model_dir": t.output_dir, "predictions_file": predictions_file})
+                      "model_dir": t.output_dir, "predictions_file": predictions_file,
+                      "baseline": c.task.baseline(prepared.validation) if "eval_loss" in metrics else None})
     return metrics, predictions_file
 
 

@@ -73,6 +73,10 @@ class Task:
         """Metrics that follow from the loss alone (MLM: perplexity)."""
         return {}
 
+    def baseline(self, dataset) -> Optional[str]:
+        """A trivial model's score on `dataset`, printed next to the final metrics for scale (or None)."""
+        return None
+
     def write_predictions(self, path, predictions: np.ndarray, prepared: PreparedData, model_config) -> None:
         """Write the prediction file for the test split."""
         raise NotImplementedError

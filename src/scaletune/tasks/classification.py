@@ -148,6 +148,13 @@ class ClassificationTask(Task):
     def compute_metrics(self, predictions: np.ndarray, label_ids: np.ndarray) -> dict:
         return classification_metrics(predictions, label_ids)
 
+    def baseline(self, dataset):
+        labels = [y for y in dataset["labels"] if y != -100] if dataset is not None else []
+        if not labels:
+            return None
+        majority = max(set(labels), key=labels.count)
+        return f"majority class accuracy {labels.count(majority) / len(labels):.4g}"
+
     def write_predictions(self, path, predictions: np.ndarray, prepared: PreparedData, model_config) -> None:
         write_prediction_file(path, predictions, prepared.test_ids, model_config.id2label)
 
