@@ -23,10 +23,10 @@
 #   PYTHON             interpreter with scaletune installed (default: python on PATH)
 #   SCALETUNE_HOME     the scaletune checkout (default: found from the submitted script's path)
 #
-# Preemption and time limits: Slurm sends SIGUSR1 to the training processes 300 s before the time limit
-# (--signal) and SIGTERM on preemption. Every rank stops after the same update, a complete checkpoint is written,
-# the job requeues itself (--requeue), and the next attempt resumes from the latest complete checkpoint, in the
-# same W&B run. See docs/slurm.md.
+# Preemption and time limits: on SIGUSR1 (sent 300 s before the time limit, --signal) or SIGTERM (preemption,
+# scancel) every rank stops after the same update and a complete checkpoint is written. A job still RUNNING then
+# requeues itself (--requeue); the next attempt resumes from the latest complete checkpoint, in the same W&B run.
+# See docs/slurm.md.
 #
 #SBATCH --job-name=scaletune
 #SBATCH --nodes=1

@@ -17,6 +17,7 @@ Skips (with the reason) where that is impossible: not root, or no Slurm and no a
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -50,7 +51,8 @@ def node_hardware(slurmd_c: str) -> dict:
     return {k: fields[k] for k in keep if k in fields}
 
 
-def slurm_conf(root: Path, host: str, ctld_port: int, node_ports: dict, hardware: dict) -> str:
+def slurm_conf(root: Path, host: str, ctld_port: int, node_ports: dict, hardware: dict,
+               first_job_id: int = 1) -> str:
     hw = " ".join(f"{k}={v}" for k, v in hardware.items())
     nodes = "\n".join(
         f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} {hw}"
@@ -58,6 +60,8 @@ def slurm_conf(root: Path, host: str, ctld_port: int, node_ports: dict, hardware
     )
     return f"""\
 ClusterName=scaletune-test
+# Job ids (and so the rendezvous ports slurm/train.sh derives from them) differ from one test session to the next.
+FirstJobId={first_job_id}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=slurm
@@ -106,10 +110,10 @@ def _run(cmd: list[str], env: dict | None = None, timeout: float = 60, check: bo
 
 def ensure_slurm_installed() -> None:
     """apt-get install the Slurm packages if any binary is missing; pytest.skip where that is impossible."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("SLURM tests need root to install Slurm and run slurmd (run the suite as root, as CI does).")
     if all(shutil.which(b) for b in BINARIES):
         return
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("SLURM tests need root to install and run slurmd (run the suite as root, as CI does).")
     if not shutil.which("apt-get"):
         pytest.skip("SLURM tests need Slurm installed or apt-get to install it "
                     f"({' '.join(PACKAGES)}); neither is available.")
@@ -222,7 +226,8 @@ class SlurmCluster:
             shutil.chown(self.root / sub, "slurm", "slurm")
         hardware = node_hardware(_run(["slurmd", "-C"]).stdout)
         ports = {node: _free_port() for node in self.nodes}
-        self.conf.write_text(slurm_conf(self.root, self.host, _free_port(), ports, hardware))
+        first_job_id = random.randrange(1000, 4000)
+        self.conf.write_text(slurm_conf(self.root, self.host, _free_port(), ports, hardware, first_job_id))
         self.conf.chmod(0o644)
 
     def _add_node_names_to_hosts(self) -> None:
@@ -295,6 +300,11 @@ class SlurmCluster:
         except TimeoutError as e:
             raise TimeoutError(f"{e}\nlast record: {rec}") from None
         return rec
+
+    def wait_gone(self, job_id: str, timeout: float = 120) -> dict:
+        """Until the job has left the queue (no longer pending, running or completing); returns its record."""
+        self._wait_for(lambda: job_id not in self.active_jobs(), timeout, f"job {job_id} to leave the queue")
+        return self.job(job_id)
 
     def wait_done(self, job_id: str, timeout: float = 180) -> dict:
         return self.wait_until(job_id, lambda r: r.get("JobState") in TERMINAL_STATES, timeout, "to finish")

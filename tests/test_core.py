@@ -177,7 +177,7 @@ def test_exported_model_reloads_and_reproduces_eval(tiny_bert, sentiment_files, 
 def test_finetunes_real_minilm_above_majority(tmp_path):
     """The packaged pretrained MiniLM on real Rotten Tomatoes reviews beats the majority class clearly."""
     r = run({"model_name_or_path": "packaged:minilm", "dataset_name": "packaged:rotten_tomatoes",
-             "max_train_samples": 640, "max_eval_samples": 200, "max_seq_length": 48,
+             "max_train_samples": 960, "max_eval_samples": 200, "max_seq_length": 48,
              "output_dir": str(tmp_path / "o"), "num_train_epochs": 1, "per_device_train_batch_size": 16,
              "per_device_eval_batch_size": 100, "learning_rate": 2e-4, "warmup_steps": 0.1, "logging_steps": 10,
              "save_strategy": "no", "do_predict": False, "disable_tqdm": True})
@@ -188,6 +188,6 @@ def test_finetunes_real_minilm_above_majority(tmp_path):
 
     val = [row["label"] for row in csv.DictReader(open(dataset_files("packaged:rotten_tomatoes")["validation"]))][:200]
     majority = Counter(val).most_common(1)[0][1] / len(val)
-    assert r.metrics["eval_accuracy"] > majority + 0.08, (r.metrics, majority)
+    assert r.metrics["eval_accuracy"] > majority + 0.1, (r.metrics, majority)
     losses = [e["loss"] for e in train_logs(r)]
     assert losses[-1] < losses[0]

@@ -107,6 +107,7 @@ def test_a_path_to_your_own_accelerate_config_is_a_preset(tmp_path):
     (["multi_gpu", "--cpu", "two"], {}, "--cpu must be a whole number"),
     (["multi_gpu", "--num_processes", "4"], {"CUDA_VISIBLE_DEVICES": "0,1"}, "more than the 2 visible GPU(s)"),
     (["multi_node", "--cpu", "1", "--num_machines", "2", "--machine_rank", "2"], {}, "is not below --num_machines"),
+    (["multi_node", "--cpu", "1"], {}, "multi-machine launch needs --main_process_ip"),
     (["multi_gpu", "--mixed_precision", "fp8", "--cpu", "2"], {}, "--mixed_precision must be no, bf16 or fp16"),
     # a bad training config fails in the launcher, before any process starts, with scaletune's message
     (["multi_gpu", "--cpu", "2", "--max_stepz", "3"], {}, "Unknown config key 'max_stepz'. Did you mean 'max_steps'?"),

@@ -19,6 +19,7 @@ from typing import Optional
 
 import pytest
 
+from conftest import REPO
 from parity_support import (checkpoints_on_disk, make_trainer, max_abs_diff, scripted_metric, step_of,
                             tokenized_classification, weights, write_rows)
 from scaletune.train import run
@@ -214,11 +215,13 @@ def test_decisions_match_trainer(case, job, tmp_path):
         assert ours.reloaded == ours.best_step
 
 
-def test_grid_covers_the_issue(job):
+def test_grid_covers_the_issue():
     """The grid spans what the parity issue lists (guards against cases silently dropped)."""
     seen = lambda key, value=None: any(  # noqa: E731
         key in c.args and (value is None or c.args[key] == value) for c in CASES)
     assert len(CASES) >= 20
+    doc = (REPO / "docs" / "migrating-from-trainer.md").read_text()
+    assert f"test_parity_decisions.py`, {len(CASES)} configurations" in doc, "update the count in docs/migrating-from-trainer.md"
     assert seen("eval_strategy", "steps") and seen("eval_strategy", "epoch")
     assert seen("save_strategy", "epoch") and seen("save_steps")
     assert seen("save_total_limit", 1) and seen("save_total_limit", 2)

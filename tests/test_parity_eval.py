@@ -22,6 +22,8 @@ from conftest import accelerate_launch
 from parity_support import make_trainer, prepared_mlm, rel, tokenized_classification, uneven_lines
 from scaletune.train import run
 
+pytestmark = pytest.mark.slow
+
 EVAL_BATCH = 8
 METRICS = ("accuracy", "precision", "recall", "f1", "matthews_correlation")
 
@@ -67,7 +69,6 @@ def test_one_process_eval_equals_trainer_evaluate(tiny_bert, sentiment_files, tr
     assert ours["eval_rows"] == trainer_eval["eval_rows"] == 37
 
 
-@pytest.mark.slow
 def test_two_process_eval_with_uneven_last_batch_equals_trainer_evaluate(tiny_bert, sentiment_files, trainer_eval,
                                                                          tmp_path):
     """scaletune's built-in metrics (what the CLI reports, all_results.json) from a 2-process evaluation equal

@@ -119,8 +119,8 @@ def test_gradient_checkpointing_is_switched_on_by_the_config(tiny_bert):
     from scaletune.distributed import configure_model
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
-    assert not configure_model(model, _training()).is_gradient_checkpointing
-    assert configure_model(model, _training(gradient_checkpointing=True)).is_gradient_checkpointing
+    assert not configure_model(model, _training()).is_activation_checkpointing
+    assert configure_model(model, _training(gradient_checkpointing=True)).is_activation_checkpointing
 
 
 # --------------------------------------------------------------------------- the config files themselves

@@ -35,6 +35,7 @@ def job_env(tmp: Path) -> dict:
         "WANDB_MODE": "offline",
         "WANDB_DIR": str(tmp / "wandb"),
         "WANDB_SILENT": "true",
+        "WANDB_X_DISABLE_STATS": "true",  # no system-metrics sampling: CPU time on a 2-core CI machine
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -105,6 +106,15 @@ def logged_steps(output_dir: Path) -> list[int]:
     return steps
 
 
+def wait_for_step(cluster, job: str, log: Path, output_dir: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(s >= step for s in logged_steps(output_dir)):
+        state = cluster.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} is {state}\n{read(log)[-6000:]}"
+        assert time.monotonic() < deadline, read(log)[-6000:]
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def reference(slurm_cluster, tiny_bert, sentiment_files, tmp_path_factory):  # noqa: F811
     """One node, 2 processes, never interrupted: the run the others must reproduce."""
@@ -163,12 +173,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm_cluster, r
     job, log = submit(slurm_cluster, tmp_path, train_args(tiny_bert, sentiment_files, out))
 
     # Signal mid-run: once training is under way (handlers installed), long before the last step.
-    deadline = time.monotonic() + 180
-    while not any(s >= SIGNAL_AFTER_STEP for s in logged_steps(out)):
-        state = slurm_cluster.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} is {state}\n{read(log)[-6000:]}"
-        assert time.monotonic() < deadline, read(log)[-6000:]
-        time.sleep(0.05)
+    wait_for_step(slurm_cluster, job, log, out, SIGNAL_AFTER_STEP)
     slurm_cluster.scancel("--signal=USR1", job)  # to the job step's processes, as --signal=USR1@N does
 
     # The job requeues itself: back to PENDING (Slurm holds a requeued job ~2 min; we release it at once).
@@ -213,6 +218,23 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm_cluster, r
     assert first_steps == list(range(1, stopped_at + 1))
     assert second_steps == list(range(stopped_at + 1, MAX_STEPS + 1))
     assert runs[1].summary.get("global_step") == MAX_STEPS
+
+
+def test_scancel_checkpoints_and_the_job_stays_cancelled(slurm_cluster, tiny_bert, sentiment_files,  # noqa: F811
+                                                          tmp_path):
+    """SIGTERM (scancel, preemption, time limit) also stops every rank at one step with a checkpoint; a job
+    that Slurm is already ending is not requeued, so a user's scancel stays a cancel."""
+    out = tmp_path / "out"
+    # W&B left out: its service process exits on SIGTERM too (see docs/slurm.md).
+    job, log = submit(slurm_cluster, tmp_path, [*train_args(tiny_bert, sentiment_files, out), "--report_to", "none"])
+    wait_for_step(slurm_cluster, job, log, out, SIGNAL_AFTER_STEP)
+    slurm_cluster.scancel(job)
+    rec = slurm_cluster.wait_gone(job)
+    assert rec["JobState"] == "CANCELLED" and rec["Restarts"] == "0", rec
+    text = read(log)
+    assert "rank 0 received SIGTERM" in text and "not requeueing job" in text
+    ckpts = sorted(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and SIGNAL_AFTER_STEP <= trainer_state(ckpts[0])["global_step"] < 16, ckpts
 
 
 @pytest.mark.parametrize("mistake, env, message", [

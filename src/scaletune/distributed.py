@@ -230,7 +230,8 @@ def configure_model(model, training):
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"gradient_checkpointing=true, but {type(model).__name__} does not support it.")
         # Non-reentrant: works with DDP's no_sync, ZeRO-3's parameter gathering and inputs without grad.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (transformers 5 renamed gradient_checkpointing_enable; the old name warns.)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # a KV cache is useless in training and conflicts with recompute
     return model

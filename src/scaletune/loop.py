@@ -118,7 +118,8 @@ def fit(c: Components, state: TrainingState, plan: Plan) -> str:
                 actions = schedule.merge(actions, schedule.StepActions(save=t.save_strategy == "epoch"))
 
             # Ours (§10): a new best is always saved, so the checkpoint reloaded at the end really is the best.
-            if actions.save or (new_best and t.save_strategy != "no"):
+            saved = actions.save or (new_best and t.save_strategy != "no")
+            if saved:
                 save_and_rotate(c, state)
 
             if stop_early:
@@ -130,8 +131,7 @@ def fit(c: Components, state: TrainingState, plan: Plan) -> str:
             c.tracker.progress(state.global_step, last_logged_loss, learning_rate)
 
             if c.watcher.should_stop(acc):  # collective: every rank stops after the same update
-                if checkpoint.checkpoint_path(t.output_dir, state.global_step) not in \
-                        checkpoint.list_checkpoints(t.output_dir).values():
+                if not saved:
                     save_and_rotate(c, state)
                 return "preempted"
     return "early_stopping" if state.should_stop else "max_steps"
