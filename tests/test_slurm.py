@@ -225,8 +225,8 @@ def test_scancel_checkpoints_and_the_job_stays_cancelled(slurm_cluster, tiny_ber
     """SIGTERM (scancel, preemption, time limit) also stops every rank at one step with a checkpoint; a job
     that Slurm is already ending is not requeued, so a user's scancel stays a cancel."""
     out = tmp_path / "out"
-    # W&B left out: its service process exits on SIGTERM too (see docs/slurm.md).
-    job, log = submit(slurm_cluster, tmp_path, [*train_args(tiny_bert, sentiment_files, out), "--report_to", "none"])
+    # W&B on: its service process gets the SIGTERM too and exits; the tracker is dropped, the checkpoint written.
+    job, log = submit(slurm_cluster, tmp_path, train_args(tiny_bert, sentiment_files, out))
     wait_for_step(slurm_cluster, job, log, out, SIGNAL_AFTER_STEP)
     slurm_cluster.scancel(job)
     rec = slurm_cluster.wait_gone(job)

@@ -50,11 +50,11 @@ class PreemptionWatcher:
     def install(self) -> None:
         """Receive the preemption signals in this process, and keep them away from the processes it starts.
 
-        Slurm signals *every* process of the job, including helpers this process starts later: W&B's service
-        (a Go program: SIGTERM kills it, and the next `wandb.log` then fails the run before it can checkpoint),
-        data-loader and compile workers (USR1's default action kills them). So the signals are blocked in this
-        thread -- threads and child processes started from now on inherit the mask -- and one watcher thread
-        takes them with `sigwait`. The handler stays installed for threads started before this call.
+        Slurm signals *every* process of the job, including helpers this process starts later, such as spawned
+        data-loader or torch.compile workers, which USR1's default action would kill. So the signals are
+        blocked in this thread: threads and child processes started from now on inherit the mask. One watcher
+        thread takes the signals with `sigwait`. The handler stays installed for threads started before this
+        call. (W&B's service, a Go program, unblocks SIGTERM for itself and exits on it; see docs/slurm.md.)
         """
         for sig in self.signals:
             signal.signal(sig, self._handle)

@@ -319,6 +319,7 @@ class RunTracker:
         self.run_id = broadcast_object_list([run_id or new_run_id(env, self.report_to)])[0]
         self.trackers: list = []
         self.wandb_run = None
+        self._wandb_tracker = None
         self.tensorboard_dir: Optional[str] = None
         self._bar = None
         self._t0 = time.time()
@@ -348,6 +349,7 @@ class RunTracker:
                     "or drop wandb from report_to."
                 ) from e
             self.wandb_run = tracker.run
+            self._wandb_tracker = tracker
             self.run_id = tracker.run.id
             self.trackers.append(tracker)
         if "tensorboard" in self.report_to:
@@ -394,9 +396,21 @@ class RunTracker:
         append_jsonl(self.jsonl_path, {"step": int(step), **metrics})
         values = tracker_metrics(metrics)
         if values:
-            for tracker in self.trackers:
-                tracker.log(values, step=int(step))
+            for tracker in list(self.trackers):
+                self._guarded(tracker, lambda: tracker.log(values, step=int(step)))
         self._print(f"[step {step}] {format_metrics(metrics)}")
+
+    def _guarded(self, tracker, call) -> None:
+        """A tracker failing mid-run (e.g. W&B's service process killed by a Slurm SIGTERM) must not cost the
+        run its checkpoint: warn once, drop that tracker, keep training; the JSONL log is still complete."""
+        try:
+            call()
+        except Exception as e:
+            self.trackers.remove(tracker)
+            if tracker is self._wandb_tracker:
+                self.wandb_run = self._wandb_tracker = None
+            self._print(f"scaletune: warning: {type(tracker).__name__} failed ({type(e).__name__}: {e}); "
+                        f"it is dropped for the rest of this run (metrics.jsonl keeps everything).")
 
     # ------------------------------------------------------------------ end
 
@@ -415,9 +429,10 @@ class RunTracker:
         written = {"metrics log": str(self.jsonl_path), "curves": curves, "tensorboard": self.tensorboard_dir}
         if self.wandb_run is not None:
             written["wandb"] = self._wandb_location()
-            self.wandb_run.summary.update(self._wandb_summary(summary))
-        for tracker in self.trackers:
-            tracker.finish()
+            run = self.wandb_run
+            self._guarded(self._wandb_tracker, lambda: run.summary.update(self._wandb_summary(summary)))
+        for tracker in list(self.trackers):
+            self._guarded(tracker, tracker.finish)
         self.trackers = []
         run_line = f"{self.run_name}  (run id {self.run_id})"
         self._print(format_summary(summary, self.cfg.training.metric_for_best_model, written, run_line,

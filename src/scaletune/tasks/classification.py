@@ -71,6 +71,8 @@ class ClassificationTask(Task):
                 raise DataError(f"text column {missing[0]!r} is missing from the {split} split.")
         labels = self.label_list(raw, cfg)
         label_to_id = {lab: i for i, lab in enumerate(labels)}
+        if hasattr(first.features.get(label_col), "names"):  # a ClassLabel column already holds the ids
+            label_to_id.update({i: i for i in range(len(labels))})
         self._check_label_range(raw, label_col, label_to_id, labels)
 
         max_len = min(d.max_seq_length or 128, tokenizer.model_max_length)
