@@ -5,9 +5,9 @@
 Same model (the packaged pretrained MiniLM), same data (packaged Rotten Tomatoes), same batch size,
 sequence length, optimizer, schedule and precision (fp32 here; the device decides). Each side runs in its
 own process, alternating, `--repeats` times; the first `--warmup` steps are excluded. Evaluation, saving
-and start-up are off or excluded on both sides. Trainer's time per update is taken between consecutive
-`on_step_end` callbacks (data fetch included); scaletune's is its logged `step_time` (first batch fetch to
-the end of the update, logging every step).
+and start-up are off on both sides. Both sides are timed the same way: torch's global optimizer-step hook
+records the wall clock after every `optimizer.step()`, and a step's time is the gap between two of them
+(data loading, forward, backward, clipping, update and the loop's own bookkeeping all included).
 
 Prints the median step time of each side and their ratio (scaletune / Trainer: < 1 means faster).
 """
@@ -31,20 +31,32 @@ def common(args, out):
                 disable_tqdm=True, report_to="none", seed=0)
 
 
+def step_clock() -> list[float]:
+    """Wall-clock time after every optimizer step of any optimizer in this process."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    stamps: list[float] = []
+    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    return stamps
+
+
+def gaps(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
 def run_scaletune(args) -> list[float]:
-    """Step times from scaletune's own log (step_time is measured from the first fetch to the end of the
-    update, excluding logging/eval/save work between updates)."""
     from scaletune.train import run
 
+    stamps = step_clock()
     with tempfile.TemporaryDirectory() as out:
-        result = run(common(args, out))
-    return [e["step_time"] for e in result.log_history if "step_time" in e]
+        run({**common(args, out), "logging_steps": 10})  # Trainer's default cadence is coarser still
+    return gaps(stamps)
 
 
 def run_trainer(args) -> list[float]:
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainerCallback, TrainingArguments)
+                              Trainer, TrainingArguments)
 
     from scaletune.assets import model_path
     from scaletune.config import load_config
@@ -58,25 +70,13 @@ def run_trainer(args) -> list[float]:
         tok = AutoTokenizer.from_pretrained(model_path("packaged:minilm"))
         prepared = task.prepare_data(load_raw_datasets(cfg), tok, cfg, _nullcontext)
         model = AutoModelForSequenceClassification.from_pretrained(model_path("packaged:minilm"), num_labels=2)
-        times: list[float] = []
-
-        class StepTimer(TrainerCallback):
-            last = None
-
-            def on_step_begin(self, a, state, control, **kw):
-                self.last = self.last or time.perf_counter()
-
-            def on_step_end(self, a, state, control, **kw):
-                now = time.perf_counter()
-                times.append(now - self.last)
-                self.last = now
-
+        stamps = step_clock()
         targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
-                                  learning_rate=5e-5, save_strategy="no", eval_strategy="no", logging_steps=10**6,
+                                  learning_rate=5e-5, save_strategy="no", eval_strategy="no", logging_steps=10,
                                   report_to="none", disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available())
-        Trainer(model=model, args=targs, train_dataset=prepared.train, data_collator=DataCollatorWithPadding(tok),
-                callbacks=[StepTimer()]).train()
-    return times
+        Trainer(model=model, args=targs, train_dataset=prepared.train,
+                data_collator=DataCollatorWithPadding(tok)).train()
+    return gaps(stamps)
 
 
 def _nullcontext():
