@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch
+from conftest import accelerate_launch
 from scaletune.train import run
 
 BASE = {"per_device_eval_batch_size": 16, "do_predict": False, "disable_tqdm": True, "logging_steps": 1}

@@ -1,6 +1,5 @@
 """Pure decision functions (no model): cadence, best metric, early stopping, rotation."""
 
-from types import SimpleNamespace
 
 import pytest
 

@@ -254,14 +254,14 @@ def zero_stage(accelerator: Accelerator) -> Optional[int]:
 
 
 def all_agree(accelerator: Accelerator, flag: bool) -> bool:
-    """True if any rank says True. Host-device sync point (one scalar all-reduce)."""
+    """True on every rank if any rank says True (stop decisions every rank must share)."""
+    if accelerator.num_processes == 1:
+        return flag
     import torch
 
+    # Host-device sync point: one scalar all-reduce.
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-# --------------------------------------------------------------------------- ./launch helper
 
 
 def visible_gpus(env: Mapping[str, str] = os.environ) -> int:

@@ -15,9 +15,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType
 
 from . import checkpoint, schedule
+from .distributed import is_deepspeed
 from .evaluation import evaluate, model_inputs
 from .schedule import Plan
 from .state import TrainingState
@@ -204,7 +204,8 @@ def update(c: Components, window: list):
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         acc.gradient_state._set_sync_gradients(last)  # as Trainer does: we own the window, not accelerate
-        no_sync = not last and acc.distributed_type != DistributedType.DEEPSPEED
+        # DeepSpeed syncs at the boundary it is told about (sync_gradients above); DDP needs no_sync.
+        no_sync = not last and not is_deepspeed(acc)
         with acc.no_sync(model) if no_sync else contextlib.nullcontext():
             c.meter.add_batch(batch["labels"].shape[0], batch["attention_mask"].sum()
                               if "attention_mask" in batch else batch["input_ids"].numel())

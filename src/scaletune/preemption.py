@@ -34,7 +34,6 @@ import sys
 import threading
 from typing import Mapping, Optional
 
-import torch
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -78,11 +77,9 @@ class PreemptionWatcher:
 
     def should_stop(self, accelerator) -> bool:
         """Collective: True on every rank if any rank was signalled. Call after every optimizer update."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        # Host-device sync point: one scalar all-reduce per update, so every rank stops at the same step.
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        from .distributed import all_agree
+
+        return all_agree(accelerator, self.requested)  # one scalar all-reduce per update
 
 
 # --------------------------------------------------------------------------- requeue
