@@ -307,13 +307,11 @@ class RunTracker:
         self.is_main = accelerator.is_main_process
         t = cfg.training
         env = os.environ if env is None else env
-        self.report_to = list(t.report_to or ())
-        check_report_to(self.report_to)
+        self.report_to = list(t.report_to or ())  # packages checked up front by train.preflight
         self.output_dir = Path(t.output_dir)
         self.jsonl_path = self.output_dir / METRICS_FILE
         self.curves_path = self.output_dir / CURVES_FILE
-        self.run_name = resolve_run_name(t, env)
-        quiet_other_ranks(accelerator)
+        self.run_name = resolve_run_name(t, env)  # other ranks were quieted by train.run, before model loading
 
         # All ranks must store the same id in their checkpoint state.
         self.run_id = broadcast_object_list([run_id or new_run_id(env, self.report_to)])[0]

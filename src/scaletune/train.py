@@ -202,8 +202,9 @@ def main(argv: Optional[list] = None) -> int:
         from .assets import AssetError
         from .checkpoint import CheckpointError
         from .data import DataError
+        from .loop import MetricNotFound
 
-        if isinstance(e, (ConfigError, DataError, CheckpointError, AssetError)) or type(e).__name__ == "MetricNotFound":
+        if isinstance(e, (ConfigError, DataError, CheckpointError, AssetError, MetricNotFound)):
             print(f"scaletune: error: {e}", file=sys.stderr)
             return 2
         raise
