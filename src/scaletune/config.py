@@ -26,8 +26,7 @@ from typing import Any, Optional, Union
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration problem, with the fix in the message."""
+from .errors import ConfigError  # noqa: E402  (re-exported: `from scaletune.config import ConfigError`)
 
 
 # --------------------------------------------------------------------------- groups

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from . import assets
+from .errors import DataError
 
 # File extension -> `datasets` builder (and its options).
 _BUILDERS = {
@@ -23,8 +24,6 @@ _BUILDERS = {
 }
 
 
-class DataError(ValueError):
-    """A data problem, with the fix in the message."""
 
 
 def _builder_for(path: str):

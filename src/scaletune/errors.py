@@ -1,0 +1,38 @@
+"""Every error scaletune raises for bad input: one base class, so the entry points have one `except`.
+
+Each message names the problem and the fix; `main` prints it as one line and exits with code 2.
+The kinds also subclass the builtin a caller might already catch (ValueError, KeyError, RuntimeError).
+"""
+
+from __future__ import annotations
+
+
+class ScaletuneError(Exception):
+    """A problem with the user's input or environment, with the fix in the message."""
+
+
+class ConfigError(ScaletuneError, ValueError):
+    """A configuration problem."""
+
+
+class DataError(ScaletuneError, ValueError):
+    """A data problem (files, columns, labels)."""
+
+
+class CheckpointError(ScaletuneError, RuntimeError):
+    """A checkpoint or output-directory problem."""
+
+
+class AssetError(ScaletuneError, RuntimeError):
+    """A packaged offline asset (model or dataset) is missing."""
+
+
+class MetricNotFound(ScaletuneError, KeyError):
+    """metric_for_best_model is not among the evaluation metrics."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteError(ScaletuneError, RuntimeError):
+    """The loss or gradient norm became NaN or infinite."""
