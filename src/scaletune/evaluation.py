@@ -3,28 +3,29 @@
 Each rank runs its shard; outputs are gathered with `gather_for_metrics`, which
 drops the samples accelerate duplicates to even out the last batch (§22), so
 metrics equal a one-process evaluation. The loss is gathered per sample for the
-same reason.
+same reason, from the task's own `ItemLoss` (the seam training uses: no second copy).
+
+`Evaluator` runs an evaluation and keeps the best metric and the early-stopping counter (§8-§13).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from . import schedule
+from .errors import MetricNotFound
+from .losses import ItemLoss
+from .state import TrainingState
 
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample summed cross-entropy and number of counted labels (-100 ignored).
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
 
-    Works for classification (logits B×C, labels B) and token tasks (B×T×V, B×T).
-    """
-    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="none")
-    per_sample = flat.view(labels.shape[0], -1).sum(dim=1)
-    items = (labels != -100).view(labels.shape[0], -1).sum(dim=1)
-    return per_sample, items
+    from .config import TrainingArguments
+    from .tasks import Task
 
 
 def model_inputs(batch: dict) -> dict:
@@ -33,7 +34,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def run_inference(model, dataloader, task, accelerator):
+def run_inference(model, dataloader, task, loss: ItemLoss, accelerator):
     """Gathered (predictions, labels or None, loss sum, loss items) over the whole dataset."""
     model.eval()
     preds, labels_all = [], []
@@ -47,10 +48,10 @@ def run_inference(model, dataloader, task, accelerator):
             logits = model(**model_inputs(batch)).logits
         out = task.preprocess_logits(logits, labels)
         if labels is not None:
-            per_sample, n_items = token_loss_sums(logits, labels)
+            per_sample, n_items = loss.per_sample(logits, labels)
             per_sample, n_items = accelerator.gather_for_metrics((per_sample, n_items))
             loss_sum += per_sample.sum().item()  # host-device sync per batch (cheap next to the forward pass)
-            items += int(n_items.sum().item())
+            items += n_items.sum().item()
         if out.dim() > 1 and labels is not None and labels.dim() > 1:
             # Token-level outputs: sequence lengths differ across ranks; pad before gathering.
             out = accelerator.pad_across_processes(out, dim=1, pad_index=-100)
@@ -73,10 +74,10 @@ def run_inference(model, dataloader, task, accelerator):
     return predictions, label_ids, loss_sum, items
 
 
-def evaluate(model, dataloader, task, accelerator, prefix: str = "eval",
+def evaluate(model, dataloader, task, loss: ItemLoss, accelerator, prefix: str = "eval",
              compute_metrics: Optional[Callable] = None) -> tuple[dict, np.ndarray]:
     """Metrics with Trainer's names (`eval_loss`, `eval_accuracy`, ...) and the gathered predictions."""
-    predictions, label_ids, loss_sum, items = run_inference(model, dataloader, task, accelerator)
+    predictions, label_ids, loss_sum, items = run_inference(model, dataloader, task, loss, accelerator)
     metrics: dict = {}
     if label_ids is not None and items > 0:
         loss = loss_sum / items
@@ -98,3 +99,42 @@ def _to_float(v):
         return float(v)
     except (TypeError, ValueError):
         return v  # user compute_metrics may return non-numeric values; pass them through
+
+
+class Evaluator:
+    """Evaluates the model on the validation set and tracks the best metric and the patience counter."""
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, task: Task,
+                 loss: ItemLoss, args: TrainingArguments, compute_metrics: Optional[Callable] = None):
+        self.accelerator = accelerator
+        self.model = model
+        self.dataloader = dataloader
+        self.task = task
+        self.loss = loss
+        self.args = args
+        self.compute_metrics = compute_metrics
+
+    def evaluate(self, dataloader: Optional[DataLoader] = None, prefix: str = "eval") -> tuple[dict, np.ndarray]:
+        return evaluate(self.model, dataloader or self.dataloader, self.task, self.loss, self.accelerator, prefix,
+                        self.compute_metrics)
+
+    def track(self, state: TrainingState, metrics: dict) -> bool:
+        """Update the early-stopping counter (against the previous best, §12) and the best metric (§9).
+        Every rank holds the same metrics (broadcast in `evaluate`), so every rank decides the same.
+        Returns whether this evaluation is a new best."""
+        t = self.args
+        if t.metric_for_best_model is None:
+            return False
+        key = schedule.metric_key(t.metric_for_best_model)
+        if key not in metrics:
+            raise MetricNotFound(f"metric_for_best_model={t.metric_for_best_model!r} is not among the evaluation "
+                                 f"metrics: {', '.join(sorted(metrics))}.")
+        value = metrics[key]
+        if t.early_stopping_patience:
+            state.patience_counter = schedule.next_patience(state.patience_counter, value, state.best_metric,
+                                                            t.greater_is_better, t.early_stopping_threshold)
+        if schedule.is_better(value, state.best_metric, t.greater_is_better):
+            state.best_metric = value
+            state.best_global_step = state.global_step
+            return True
+        return False

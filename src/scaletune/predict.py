@@ -56,6 +56,11 @@ def predict(model_dir: str, test_file: str, output_file: str | None = None, text
 
 
 def main(argv=None) -> int:
+    if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
+        from .config import help_text  # generated from predict()'s signature: the options below mirror it
+
+        print(help_text("scaletune.predict"))
+        return 0
     p = argparse.ArgumentParser(prog="python -m scaletune.predict", description=__doc__.strip().splitlines()[2])
     p.add_argument("model_dir")
     p.add_argument("--test_file", required=True)

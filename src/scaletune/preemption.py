@@ -1,4 +1,8 @@
-"""Preemption: SIGUSR1/SIGTERM -> all ranks agree on a stop step -> checkpoint -> requeue.
+"""Preemption: SIGINT/SIGUSR1/SIGTERM -> all ranks agree on a stop step -> checkpoint -> requeue.
+
+Ctrl-C is a preemption too: the first SIGINT checkpoints at the agreed step and the run exits with 130 and a
+one-line resume hint; a second SIGINT aborts at once (exit 130, no traceback; the last complete checkpoint
+stays the one to resume).
 
 Interface used by the loop and train.py (keep it stable):
     watcher = PreemptionWatcher(); watcher.install()      # signal handling (every rank)
@@ -35,16 +39,22 @@ import threading
 from typing import Mapping, Optional
 
 
-DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionWatcher:
     """Turns a preemption signal into a stop decision that every rank shares."""
 
+    # One sigwait thread per process, whichever watcher is current: `run()` may be called many times in one
+    # process (notebooks, sweeps, tests), and several threads waiting on the same signals would race.
+    _current: Optional["PreemptionWatcher"] = None
+    _thread: Optional[threading.Thread] = None
+
     def __init__(self, signals=DEFAULT_SIGNALS):
         self.signals = tuple(signals)
         self.requested = False
         self.signal_name: Optional[str] = None
+        self._previous: dict = {}
 
     def install(self) -> None:
         """Receive the preemption signals in this process, and keep them away from the processes it starts.
@@ -55,18 +65,38 @@ class PreemptionWatcher:
         thread takes the signals with `sigwait`. The handler stays installed for threads started before this
         call. (W&B's service, a Go program, unblocks SIGTERM for itself and exits on it; see docs/slurm.md.)
         """
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. run() inside a worker thread)
+        PreemptionWatcher._current = self
+        self._previous = {sig: signal.getsignal(sig) for sig in self.signals}
         for sig in self.signals:
-            signal.signal(sig, self._handle)
+            signal.signal(sig, _dispatch)
             signal.siginterrupt(sig, False)  # there, restart an interrupted system call instead of failing it
         signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-        threading.Thread(target=self._wait_for_signals, name="scaletune-preemption", daemon=True).start()
+        if PreemptionWatcher._thread is None or not PreemptionWatcher._thread.is_alive():
+            PreemptionWatcher._thread = threading.Thread(target=_wait_for_signals, args=(self.signals,),
+                                                         name="scaletune-preemption", daemon=True)
+            PreemptionWatcher._thread.start()
 
-    def _wait_for_signals(self) -> None:
-        while True:
-            self._handle(signal.sigwait(self.signals), None)
+    @classmethod
+    def uninstall_current(cls) -> None:
+        """After `run()` returns in a longer-lived process (notebook, sweep, tests): Ctrl-C and the other
+        signals behave as before again."""
+        watcher, cls._current = cls._current, None
+        if watcher is None or threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in watcher._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watcher.signals)
 
     def _handle(self, signum, frame) -> None:
         first = not self.requested
+        if not first and signum == signal.SIGINT:
+            # A second Ctrl-C: the user wants out now. os._exit: no traceback, no atexit work that could hang;
+            # an interrupted save is a .partial folder that is never resumed from.
+            os.write(2, b"scaletune: second interrupt; aborting now. Resume with --resume_from_checkpoint latest "
+                        b"(the last complete checkpoint).\n")
+            os._exit(130)
         self.requested = True
         self.signal_name = signal.Signals(signum).name
         if first:
@@ -79,7 +109,24 @@ class PreemptionWatcher:
         """Collective: True on every rank if any rank was signalled. Call after every optimizer update."""
         from .distributed import all_agree
 
-        return all_agree(accelerator, self.requested)  # one scalar all-reduce per update
+        if not all_agree(accelerator, self.requested):  # one scalar all-reduce per update
+            return False
+        # The stop is agreed; agree on its cause too (only once), so every rank exits with the same code.
+        if all_agree(accelerator, self.signal_name == "SIGINT"):
+            self.signal_name = "SIGINT"
+        elif self.signal_name is None:
+            self.signal_name = "SIGTERM"  # another rank was signalled (USR1 or TERM): the same exit code
+        return True
+
+
+def _dispatch(signum, frame) -> None:
+    if PreemptionWatcher._current is not None:
+        PreemptionWatcher._current._handle(signum, frame)
+
+
+def _wait_for_signals(signals) -> None:
+    while True:
+        _dispatch(signal.sigwait(signals), None)
 
 
 # --------------------------------------------------------------------------- requeue

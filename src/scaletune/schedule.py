@@ -3,7 +3,7 @@
 Everything here is a function of numbers, so the Trainer-parity grid tests it
 directly. The loop asks these functions *whether* to log, evaluate, save, stop,
 or which checkpoints to delete; it never re-derives the rules inline.
-Rules follow `shared/notes/trainer-semantics.md` (cited as §N).
+Rules follow `docs/semantics.md` (cited as §N).
 """
 
 from __future__ import annotations
@@ -107,13 +107,57 @@ def merge(a: StepActions, b: StepActions) -> StepActions:
     return StepActions(log=a.log or b.log, evaluate=a.evaluate or b.evaluate, save=a.save or b.save)
 
 
+def planned_actions(step: int, plan: Plan, args, epoch_ended: bool, epochs_done: float) -> StepActions:
+    """Everything planned after update `step` before evaluation results are known (§4, §6).
+
+    `epoch_ended`: this update consumed the last batch of an epoch. As Trainer (its on_epoch_end also runs
+    when max_steps ends an epoch early), epoch-mode evaluation and saving also happen at the last step of a
+    partial last epoch.
+    """
+    actions = step_actions(step, plan, args)
+    if epoch_ended or step >= plan.max_steps:
+        actions = merge(actions, epoch_end_actions(epochs_done, args))
+    return actions
+
+
+def should_stop_early(patience_counter: int, patience: Optional[int]) -> bool:
+    """§12: stop once the counter reaches the patience."""
+    return bool(patience) and patience_counter >= patience
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What the loop does after the evaluation of a step: save a checkpoint, and why it stops (or None)."""
+
+    save: bool
+    stop: Optional[str] = None
+
+
+def step_outcome(actions: StepActions, args, *, new_best: bool, stop_early: bool, epoch_ended: bool,
+                 preempted: bool) -> StepOutcome:
+    """Pure: the save and stop decisions of one step, all taken before anything is written.
+
+    Ours (§10): a new best is always saved, so the checkpoint reloaded at the end really is the best.
+    As Trainer (its on_epoch_end also runs when early stopping ends an epoch early), epoch-mode saving
+    happens at the stopping step. A preemption always checkpoints (§25).
+    """
+    save = actions.save or (new_best and args.save_strategy != "no")
+    if stop_early and not epoch_ended:
+        save = save or args.save_strategy == "epoch"
+    stop = "early_stopping" if stop_early else "preempted" if preempted else None
+    return StepOutcome(save=save or preempted, stop=stop)
+
+
 def metric_key(name: str) -> str:
     """§8: an `eval_` prefix is added if missing."""
     return name if name.startswith("eval_") else f"eval_{name}"
 
 
 def is_better(value: float, best: Optional[float], greater_is_better: bool) -> bool:
-    """§9: strictly better; a tie keeps the earlier one."""
+    """§9: strictly better; a tie keeps the earlier one. A NaN or infinite value is never better (a diverged
+    model must not become the best for ever: nothing compares better than NaN)."""
+    if not math.isfinite(value):
+        return False
     if best is None:
         return True
     return value > best if greater_is_better else value < best

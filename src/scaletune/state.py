@@ -1,16 +1,15 @@
 """TrainingState: everything the loop must carry across a restart, besides tensors.
 
-Saved as `trainer_state.json` in every checkpoint (Trainer's file name and field
-names), written last so its presence marks a complete checkpoint. Model,
-optimizer, scheduler, grad scaler, sampler and per-rank RNG states are saved
-next to it by `accelerator.save_state`.
+Saved as `trainer_state.json` in every checkpoint (Trainer's file name and field names) by
+`checkpoint.write_trainer_state`, the one writer. Model, optimizer, scheduler, grad scaler, sampler and
+per-rank RNG states are saved next to it by `accelerator.save_state`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,36 +27,50 @@ class TrainingState:
     """Whole epochs finished; the data position is (epochs_completed, batches_in_epoch)."""
     batches_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed (per rank); resume skips exactly these."""
-    max_steps: int = 0
     best_metric: Optional[float] = None
     best_global_step: Optional[int] = None
-    best_model_checkpoint: Optional[str] = None
+    """Step of the best evaluation (recorded even when nothing is saved, §27)."""
+    best_checkpoint_step: Optional[int] = None
+    """Step of the checkpoint that holds the best model, if it was saved. Stored as a step, not a path, so a
+    moved or copied output dir still finds it."""
     patience_counter: int = 0
-    """Early-stopping counter (Trainer drops it on resume; we keep it)."""
+    """Early-stopping counter (Trainer drops it on resume; we keep it, §13)."""
     should_stop: bool = False
     """Early stopping decided; a resumed run must not train on."""
+    skipped_updates: int = 0
+    """Updates dropped because the loss or gradient norm was not finite (on_nonfinite=skip)."""
+    world_size: int = 1
+    """Processes that wrote this state: the data position is per rank, so a resume needs the same count."""
     log_history: list = field(default_factory=list)
     tracker_run_id: Optional[str] = None
     """W&B run id, so a requeued job continues the same run."""
-    total_flos: float = 0.0
 
     def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # Trainer's field, relative to the output dir (Trainer writes an absolute path, which breaks on a move).
+        out["best_model_checkpoint"] = checkpoint_name(self.best_checkpoint_step)
+        return out
 
     def load_state_dict(self, d: dict) -> None:
         known = {f.name for f in dataclasses.fields(self)}
         for k, v in d.items():
             if k in known:
                 setattr(self, k, v)
-
-    def save(self, folder: str | Path) -> None:
-        # Atomic: a reader (resume, `latest`) sees the old file or the new one, never half of one.
-        tmp = Path(folder, STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.state_dict(), indent=2))
-        os.replace(tmp, Path(folder, STATE_FILE))
+        if "best_checkpoint_step" not in d:  # written by v0.1: an absolute best_model_checkpoint path
+            self.best_checkpoint_step = checkpoint_step(d.get("best_model_checkpoint"))
 
     @classmethod
     def load(cls, folder: str | Path) -> "TrainingState":
         state = cls()
         state.load_state_dict(json.loads(Path(folder, STATE_FILE).read_text()))
         return state
+
+
+def checkpoint_name(step: Optional[int]) -> Optional[str]:
+    return None if step is None else f"checkpoint-{step}"
+
+
+def checkpoint_step(name: Optional[str]) -> Optional[int]:
+    """`.../checkpoint-12` -> 12; anything else -> None."""
+    match = re.search(r"checkpoint-(\d+)/?$", name or "")
+    return int(match.group(1)) if match else None

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ConfigError, ConfigSource, load_config
+from .config import Config, ConfigError, ConfigSource, load_config
+from .errors import ScaletuneError
 
 
 @dataclass
@@ -29,12 +30,24 @@ class RunResult:
     stop_reason: str
     output_dir: str
     predictions_file: Optional[str] = None
-    extra: dict = field(default_factory=dict)
+    stop_signal: Optional[str] = None
+    """The signal that preempted the run (SIGINT, SIGTERM, SIGUSR1), if one did."""
+    requeued: bool = False
+    """The preempted Slurm job requeued itself."""
+
+    @property
+    def exit_code(self) -> int:
+        """0 unless preempted without a requeue: 130 after Ctrl-C, 143 after another signal (a job runner
+        must not read success from a run that did not finish)."""
+        if self.stop_reason != "preempted" or self.requeued:
+            return 0
+        return 130 if self.stop_signal == "SIGINT" else 143
 
 
-def preflight(cfg, compute_metrics: Optional[Callable] = None):
+def preflight(cfg: Config, compute_metrics: Optional[Callable] = None) -> Optional[Path]:
     """Checks that need no model or data loading: bad input fails in seconds, nothing is overwritten."""
-    from . import checkpoint, data
+    from . import checkpointer, data
+    from .distributed import deepspeed_requested
     from .schedule import metric_key
     from .tasks import get_task
     from .tracking import check_report_to
@@ -46,59 +59,80 @@ def preflight(cfg, compute_metrics: Optional[Callable] = None):
         if metric_key(t.metric_for_best_model) not in known:
             raise ConfigError(f"metric_for_best_model={t.metric_for_best_model!r} is not an evaluation metric of "
                               f"the {cfg.data.task} task; choose one of {', '.join(known)}.")
+    if t.on_nonfinite == "skip" and deepspeed_requested():
+        raise ConfigError("on_nonfinite=skip is not possible under DeepSpeed, which applies the update inside "
+                          "backward before the loss can be checked; use on_nonfinite=stop.")
     data.check_files(cfg)
-    resume = checkpoint.resolve_resume(t.output_dir, t.resume_from_checkpoint)
-    checkpoint.check_output_dir(t.output_dir, resuming=resume is not None, overwrite=t.overwrite_output_dir)
-    return resume
+    return checkpointer.preflight(t)
+
+
+def effective_config(cfg: Config) -> dict:
+    """The config as written to config.yaml and into checkpoints: every default spelled out, secrets masked."""
+    from .secrets import redact
+
+    return redact(cfg.to_dict())
 
 
 def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
         overrides: Optional[dict] = None) -> RunResult:
     """Train, evaluate, export and predict as configured. `config`: dict, YAML/JSON path, CLI args list."""
-    cfg = load_config(config, overrides)
-    resume_path = preflight(cfg, compute_metrics)
+    from .checkpointer import release_lock
 
+    cfg = load_config(config, overrides)
+    try:
+        return _run(cfg, preflight(cfg, compute_metrics), compute_metrics)
+    finally:
+        release_lock(Path(cfg.training.output_dir))
+        if "scaletune.preemption" in sys.modules:
+            sys.modules["scaletune.preemption"].PreemptionWatcher.uninstall_current()
+
+
+def _run(cfg: Config, resume_path: Optional[Path], compute_metrics: Optional[Callable]) -> RunResult:
+    import yaml
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from . import checkpoint, data, schedule
+    from . import data, schedule
     from .assets import model_path
+    from .checkpointer import Checkpointer, check_resume_compatible
     from .distributed import build_accelerator, configure_model
-    from .loop import Components, fit
+    from .evaluation import Evaluator
+    from .loop import Loop, fit
     from .optim import build_optimizer, build_scheduler
     from .preemption import PreemptionWatcher, requeue_if_slurm
     from .state import TrainingState
+    from .stepper import Stepper, TrainData
     from .tasks import get_task
     from .throughput import ThroughputMeter
     from .tracking import RunTracker, quiet_other_ranks
 
-    t, d = cfg.training, cfg.data
+    t, d, m = cfg.training, cfg.data, cfg.model
     accelerator = build_accelerator(cfg)
     quiet_other_ranks(accelerator)
     watcher = PreemptionWatcher()
-    watcher.install()  # early: a preemption during data loading still checkpoints nothing but exits cleanly
+    watcher.install()  # early: a preemption during data loading stops after the first update, with a checkpoint
     set_seed(t.seed)
     task = get_task(d.task)
-    m = cfg.model
     tokenizer = AutoTokenizer.from_pretrained(model_path(m.tokenizer_name or m.model_name_or_path),
                                               cache_dir=m.cache_dir, revision=m.model_revision,
                                               trust_remote_code=m.trust_remote_code)
     raw = data.load_raw_datasets(cfg, streaming=d.streaming)
     prepared = task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first)
+    if resume_path is not None:
+        check_resume_compatible(resume_path, effective_config(cfg), accelerator.num_processes)
     set_seed(t.seed)  # the head's init does not depend on how much randomness data loading used
     model = configure_model(task.build_model(cfg, prepared, tokenizer), t)  # gradient checkpointing
     # Seeded again, as Trainer.__init__ does after the user built the model: the dropout stream then does not
-    # depend on how much randomness a new head's init drew (tests/test_parity_migration.py).
+    # depend on how much randomness a new head's init drew (tests/parity/test_parity_migration.py).
     set_seed(t.seed)
 
-    train_dl = data.build_dataloader(prepared.train, task.collator(tokenizer, cfg, True),
-                                     t.per_device_train_batch_size, True, t) if t.do_train else None
-    eval_dl = (data.build_dataloader(prepared.validation, task.collator(tokenizer, cfg, False),
-                                     t.per_device_eval_batch_size, False, t) if prepared.validation is not None
-               else None)
-    test_dl = (data.build_dataloader(prepared.test, task.collator(tokenizer, cfg, False),
-                                     t.per_device_eval_batch_size, False, t) if prepared.test is not None
-               and t.do_predict else None)
+    def loader(split, training: bool, batch_size: int):
+        return data.build_dataloader(split, task.collator(tokenizer, cfg, training), batch_size, training, t)
+
+    train_dl = loader(prepared.train, True, t.per_device_train_batch_size) if t.do_train else None
+    eval_dl = loader(prepared.validation, False, t.per_device_eval_batch_size) if prepared.validation else None
+    test_dl = (loader(prepared.test, False, t.per_device_eval_batch_size)
+               if prepared.test is not None and t.do_predict else None)
     if (t.eval_strategy != "no" or t.load_best_model_at_end) and eval_dl is None:
         raise ConfigError("Evaluation is on but there is no validation data: set validation_file or "
                           "validation_split_percentage > 0.")
@@ -112,103 +146,104 @@ def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
     scheduler = build_scheduler(optimizer, t, plan) if plan else None
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    state = TrainingState()
+    config_yaml = yaml.safe_dump(effective_config(cfg), sort_keys=False)
+    checkpointer = Checkpointer(accelerator, t, model, tokenizer, config_yaml)
+    state = TrainingState(world_size=accelerator.num_processes)
     if resume_path is not None:
-        state = checkpoint.load_checkpoint(accelerator, resume_path)
+        state = checkpointer.load(resume_path)
         accelerator.print(f"Resumed from {resume_path} at step {state.global_step}.")
+    elif t.overwrite_output_dir:
+        checkpointer.start_fresh()
     tracker = RunTracker(cfg, accelerator, run_id=state.tracker_run_id)
     state.tracker_run_id = tracker.run_id
     if accelerator.is_main_process:
-        cfg.save(Path(t.output_dir) / "config.yaml")  # the effective config, with every default spelled out
+        Path(t.output_dir, "config.yaml").write_text(config_yaml)
 
-    comps = Components(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                       train_dataloader=train_dl, eval_dataloader=eval_dl, task=task, tokenizer=tokenizer,
-                       tracker=tracker, meter=ThroughputMeter(model, accelerator), watcher=watcher,
-                       compute_metrics=compute_metrics)
-    stop_reason = fit(comps, state, plan) if t.do_train else "no_training"
+    loss = task.loss(cfg)
+    meter = ThroughputMeter(model, accelerator)
+    evaluator = (Evaluator(accelerator, model, eval_dl, task, loss, t, compute_metrics) if eval_dl is not None
+                 else None)
+    stop_reason = "no_training"
+    if t.do_train:
+        stepper = Stepper(accelerator, model, optimizer, scheduler, loss, meter, t.max_grad_norm)
+        loop = Loop(args=t, data=TrainData(train_dl, accelerator, t.gradient_accumulation_steps, meter),
+                    stepper=stepper, evaluator=evaluator, checkpointer=checkpointer, tracker=tracker, meter=meter,
+                    watcher=watcher)
+        stop_reason = fit(loop, state, plan)
     if stop_reason == "preempted":
-        accelerator.print(f"Preempted at step {state.global_step}; checkpoint written.")
+        accelerator.print(f"Preempted at step {state.global_step}; checkpoint written. Resume with "
+                          f"--resume_from_checkpoint latest.")
         # Close the trackers before requeueing: Slurm answers a requeue with SIGTERM to every process of the
         # job. The requeued attempt continues the same W&B run (its id is in the checkpoint).
-        comps.tracker.finish({"global_step": state.global_step, "stop_reason": stop_reason,
-                              "output_dir": t.output_dir})
-        requeue_if_slurm(accelerator)  # collective
+        tracker.finish({"global_step": state.global_step, "stop_reason": stop_reason, "output_dir": t.output_dir})
+        requeued = requeue_if_slurm(accelerator)  # collective
         accelerator.end_training()
-        return _result(cfg, state, {}, stop_reason, None)
-    metrics, predictions_file = finish(comps, state, test_dl, prepared)
+        return _result(cfg, state, checkpointer, {}, stop_reason, None, watcher.signal_name, requeued)
+    metrics, predictions_file = finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task, test_dl,
+                                       prepared)
     accelerator.end_training()
-    return _result(cfg, state, metrics, stop_reason, predictions_file)
+    return _result(cfg, state, checkpointer, metrics, stop_reason, predictions_file)
 
 
-def finish(c, state, test_dl, prepared):
+def finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task, test_dl, prepared):
     """Reload the best weights, rotate, evaluate, export the model, predict the test split."""
-    from . import checkpoint, schedule
-    from .evaluation import evaluate
-    from .loop import best_checkpoint_step
-
-    t, acc = c.cfg.training, c.accelerator
-    if t.load_best_model_at_end and state.best_model_checkpoint:
-        acc.print(f"Loading best model from {state.best_model_checkpoint} (score: {state.best_metric}).")
-        checkpoint.load_model_weights(acc, c.model, state.best_model_checkpoint)
-        steps = list(checkpoint.list_checkpoints(t.output_dir))
-        checkpoint.delete_checkpoints(acc, t.output_dir, schedule.final_checkpoints_to_delete(
-            steps, t.save_total_limit, best_checkpoint_step(state)))
+    t = cfg.training
+    checkpointer.reload_best(state)
     metrics = {}
-    if t.do_eval and c.eval_dataloader is not None:
-        eval_metrics, _ = evaluate(c.model, c.eval_dataloader, c.task, acc, "eval", c.compute_metrics)
-        metrics.update(eval_metrics)
-    checkpoint.export_model(acc, c.model, c.tokenizer, t.output_dir)
+    if t.do_eval and evaluator is not None:
+        metrics.update(evaluator.evaluate()[0])
+    checkpointer.export()
     predictions_file = None
     if test_dl is not None:
-        test_metrics, predictions = evaluate(c.model, test_dl, c.task, acc, "test", c.compute_metrics)
+        from .evaluation import Evaluator
+
+        tester = evaluator or Evaluator(accelerator, checkpointer.model, test_dl, task, task.loss(cfg), t)
+        test_metrics, predictions = tester.evaluate(test_dl, "test")
         metrics.update(test_metrics)
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             predictions_file = str(Path(t.output_dir) / "predictions.csv")
-            c.task.write_predictions(predictions_file, predictions, prepared, acc.unwrap_model(c.model).config)
+            task.write_predictions(predictions_file, predictions, prepared,
+                                   accelerator.unwrap_model(checkpointer.model).config)
             if not Path(predictions_file).exists():  # MLM writes none: its test split gives metrics only
                 predictions_file = None
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         Path(t.output_dir, "all_results.json").write_text(json.dumps(metrics, indent=2))
-        state.save(t.output_dir)
-    c.tracker.finish({**metrics, "global_step": state.global_step, "best_metric": state.best_metric,
-                      "best_global_step": state.best_global_step,
-                      "best_model_checkpoint": state.best_model_checkpoint, "output_dir": t.output_dir,
-                      "model_dir": t.output_dir, "predictions_file": predictions_file,
-                      "baseline": c.task.baseline(prepared.validation) if "eval_loss" in metrics else None})
+    checkpointer.write_final_state(state)
+    best = checkpointer.best_path(state)
+    tracker.finish({**metrics, "global_step": state.global_step, "best_metric": state.best_metric,
+                    "best_global_step": state.best_global_step,
+                    "best_model_checkpoint": str(best) if best else None, "output_dir": t.output_dir,
+                    "model_dir": t.output_dir, "predictions_file": predictions_file,
+                    "baseline": task.baseline(prepared.validation) if "eval_loss" in metrics else None})
     return metrics, predictions_file
 
 
-def _result(cfg, state, metrics, stop_reason, predictions_file) -> RunResult:
+def _result(cfg, state, checkpointer, metrics, stop_reason, predictions_file, stop_signal=None,
+            requeued=False) -> RunResult:
     from .checkpoint import list_checkpoints
 
     out = cfg.training.output_dir
+    best = checkpointer.best_path(state)
     return RunResult(metrics=metrics, checkpoints=[str(p) for p in list_checkpoints(out).values()],
                      global_step=state.global_step, best_metric=state.best_metric,
-                     best_global_step=state.best_global_step, best_model_checkpoint=state.best_model_checkpoint,
+                     best_global_step=state.best_global_step, best_model_checkpoint=str(best) if best else None,
                      log_history=state.log_history, stop_reason=stop_reason, output_dir=out,
-                     predictions_file=predictions_file)
+                     predictions_file=predictions_file, stop_signal=stop_signal, requeued=requeued)
 
 
 def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip() + "\n\nOptions: see the configuration reference in README.md "
-              "(every field of scaletune.config's ModelArguments, DataArguments, TrainingArguments).")
+        from .config import help_text
+
+        print(help_text("scaletune.train"))
         return 0
     try:
-        run(argv)
-    except (ConfigError, ValueError, RuntimeError, KeyError) as e:
-        # Known input problems: one clear line, no traceback (the message names the fix).
-        from .assets import AssetError
-        from .checkpoint import CheckpointError
-        from .data import DataError
-        from .loop import MetricNotFound
-
-        if isinstance(e, (ConfigError, DataError, CheckpointError, AssetError, MetricNotFound)):
-            print(f"scaletune: error: {e}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+        result = run(argv)
+    except ScaletuneError as e:  # bad input: one line naming the problem and the fix, no traceback
+        print(f"scaletune: error: {e}", file=sys.stderr)
+        return 2
+    return result.exit_code
 
 
 if __name__ == "__main__":

@@ -16,11 +16,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO
-from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture: one cluster for all tests)
-from wandb_reader import find_runs, read_run
-
-pytestmark = pytest.mark.slow
+from support.tiny import REPO
+from support.wandb_reader import find_runs, read_run
 
 TRAIN_SH = str(REPO / "slurm" / "train.sh")
 MAX_STEPS = 48  # 4 epochs of 12 updates (96 examples / (4 per device x 2 processes))
@@ -116,7 +113,7 @@ def wait_for_step(cluster, job: str, log: Path, output_dir: Path, step: int, tim
 
 
 @pytest.fixture(scope="module")
-def reference(slurm_cluster, tiny_bert, sentiment_files, tmp_path_factory):  # noqa: F811
+def reference(slurm_cluster, tiny_bert, sentiment_files, tmp_path_factory):
     """One node, 2 processes, never interrupted: the run the others must reproduce."""
     tmp = tmp_path_factory.mktemp("slurm_reference")
     out = tmp / "out"
@@ -141,7 +138,7 @@ def test_one_node_two_processes_completes_and_writes_the_model(reference):
 
 
 @pytest.mark.parametrize("preset", [None, "deepspeed_zero2"])
-def test_two_nodes_one_process_each_rendezvous_and_train(slurm_cluster, reference, tiny_bert,  # noqa: F811
+def test_two_nodes_one_process_each_rendezvous_and_train(slurm_cluster, reference, tiny_bert,
                                                          sentiment_files, tmp_path, preset):
     """Default (DDP, multi_node preset) and DeepSpeed ZeRO-2 across two nodes (torchrun on each node)."""
     out = tmp_path / "out"
@@ -167,7 +164,7 @@ def test_two_nodes_one_process_each_rendezvous_and_train(slurm_cluster, referenc
         assert results(out)[key] == pytest.approx(value, rel=1e-6), key
 
 
-def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm_cluster, reference, tiny_bert,  # noqa: F811
+def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm_cluster, reference, tiny_bert,
                                                                 sentiment_files, tmp_path):
     out = tmp_path / "out"
     job, log = submit(slurm_cluster, tmp_path, train_args(tiny_bert, sentiment_files, out))
@@ -220,7 +217,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(slurm_cluster, r
     assert runs[1].summary.get("global_step") == MAX_STEPS
 
 
-def test_scancel_checkpoints_and_the_job_stays_cancelled(slurm_cluster, tiny_bert, sentiment_files,  # noqa: F811
+def test_scancel_checkpoints_and_the_job_stays_cancelled(slurm_cluster, tiny_bert, sentiment_files,
                                                           tmp_path):
     """SIGTERM (scancel, preemption, time limit) also stops every rank at one step with a checkpoint; a job
     that Slurm is already ending is not requeued, so a user's scancel stays a cancel."""
@@ -242,7 +239,7 @@ def test_scancel_checkpoints_and_the_job_stays_cancelled(slurm_cluster, tiny_ber
     (["--train_file", "/nonexistent/train.csv"], {}, "train_file '/nonexistent/train.csv' does not exist."),
     ([], {"ACCELERATE_CONFIG": "deepspeed_zero9"}, "accelerate config 'deepspeed_zero9' is neither a preset"),
 ], ids=["unknown-key", "missing-data", "unknown-preset"])
-def test_bad_config_fails_fast_with_the_error_first_in_the_log(slurm_cluster, tiny_bert, sentiment_files,  # noqa: F811
+def test_bad_config_fails_fast_with_the_error_first_in_the_log(slurm_cluster, tiny_bert, sentiment_files,
                                                                tmp_path, mistake, env, message):
     args = [*train_args(tiny_bert, sentiment_files, tmp_path / "out"), *mistake]
     start = time.monotonic()

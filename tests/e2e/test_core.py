@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch
 from scaletune.train import run
+from support.tiny import accelerate_launch
 
 BASE = {"per_device_eval_batch_size": 16, "do_predict": False, "disable_tqdm": True, "logging_steps": 1}
 

@@ -1,7 +1,7 @@
 """Preemption without Slurm: the requeue decision (pure), signal handling in a real process, and the
 cross-rank agreement in a real 2-process gloo run where only one rank is signalled.
 
-The Slurm end to end (scancel --signal, requeue, resume, W&B continuity) is in tests/test_slurm.py.
+The Slurm end to end (scancel --signal, requeue, resume, W&B continuity) is in tests/cluster/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _free_port
 from scaletune.preemption import parse_job_record, requeue_decision
+from support.tiny import free_port
 
 SCONTROL_LINE = (
     "JobId=7 JobName=scaletune UserId=root(0) GroupId=root(0) Priority=1 JobState=RUNNING Reason=None "
@@ -105,14 +105,13 @@ def _worker_pids(output_dir: Path) -> dict[int, int]:
     return out
 
 
-@pytest.mark.slow
 def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentiment_files, tmp_path):
     """Only rank 1 gets SIGUSR1 (as when one node is warned before another): both ranks stop after the same
     update, write one complete checkpoint there, and exit cleanly."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "scaletune.train",
+           "--main_process_port", str(free_port()), "-m", "scaletune.train",
            "--model_name_or_path", tiny_bert, "--train_file", sentiment_files["train_file"],
            "--validation_file", sentiment_files["validation_file"], "--do_predict", "false",
            "--output_dir", str(out), "--max_steps", "60", "--per_device_train_batch_size", "4",
@@ -134,7 +133,8 @@ def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentime
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, log[-4000:]
+    # Not under Slurm, so nothing requeues the job: it must not exit 0, or a job runner reads success.
+    assert proc.returncode != 0, log[-4000:]
     assert "rank 1 received SIGUSR1" in log and "rank 0 received" not in log
     ckpts = sorted(out.glob("checkpoint-*"))
     assert len(ckpts) == 1, ckpts  # one preemption checkpoint, written by both ranks together

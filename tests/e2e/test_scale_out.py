@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, _free_port, make_tiny_bert, run_cli
 from scaletune.config import ConfigError, TrainingArguments
 from scaletune.distributed import adjust_for_cpu_only, effective_mixed_precision, fill_deepspeed_config
+from support.tiny import REPO, free_port, make_tiny_bert, run_cli
 
 CONFIG_DIR = REPO / "accelerate_configs"
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -186,7 +186,7 @@ def _launch(preset: str, processes: int, args: list[str], cwd, extra=(), check=T
 
 def _launch_two_machines(args: list[str], cwd):
     """multi_node for real: two `./launch` processes (machine_rank 0 and 1) meeting at a rendezvous port."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([LAUNCH, "multi_node", "--cpu", "1", "--num_machines", "2", "--machine_rank", str(r),
                                "--main_process_ip", "127.0.0.1", "--main_process_port", port, *args],
                               cwd=cwd, env={**os.environ, **_env()}, stdout=subprocess.PIPE,
@@ -226,7 +226,6 @@ def _by_step(out: Path, key: str) -> dict:
     return {h["step"]: h[key] for h in _history(out) if key in h}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_evaluates_saves_and_resumes(preset, work):
     r = run_preset(preset, work)
@@ -252,7 +251,6 @@ def test_preset_trains_evaluates_saves_and_resumes(preset, work):
                                                                                                  abs=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "single_gpu"])
 def test_two_processes_match_one_process_with_the_same_global_batch(preset, work):
     """DDP, ZeRO-1/2/3 (+offload) and two machines, 2 x 4 per device == 1 x 8: same loss curve."""
@@ -283,7 +281,6 @@ def _evaluate_exported(model_dir: Path, validation_file: str) -> dict:
             "eval_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["deepspeed_zero3", "deepspeed_zero3_offload"])
 def test_zero3_export_loads_with_from_pretrained_and_reproduces_the_eval(preset, work):
     out = run_preset(preset, work)["first"]
@@ -298,7 +295,6 @@ def test_zero3_export_loads_with_from_pretrained_and_reproduces_the_eval(preset,
     assert ckpt["eval_loss"] == pytest.approx(_by_step(out, "eval_loss")[4], abs=1e-4)
 
 
-@pytest.mark.slow
 def test_bf16_through_the_accelerate_config_on_cpu(work):
     """`--mixed_precision bf16` (the accelerate config's field) turns DeepSpeed's bf16 "auto" on."""
     out = work["root"] / "zero2-bf16"
@@ -326,7 +322,6 @@ def _ds_yaml(tmp: Path, ds: dict, name: str) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_explicit_deepspeed_value_that_disagrees_fails_before_training(work):
     ds = {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}
     config = _ds_yaml(work["root"], ds, "ds_mismatch")
@@ -348,7 +343,6 @@ def _fp16_supported() -> bool:
         return False
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not _fp16_supported(), reason="this CPU has no fp16 support for DeepSpeed")
 def test_fp16_overflow_skips_the_update_and_does_not_advance_the_scheduler(work):
     # A loss scale of 2^20 overflows fp16 on the first steps; DeepSpeed halves it until it fits.

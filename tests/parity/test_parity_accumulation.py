@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_tiny_bert
-from parity_support import (make_trainer, max_abs_diff, prepared_mlm, rel, tokenized_classification,
-                            uneven_lines, weights)
 from scaletune.train import run
-
-pytestmark = pytest.mark.slow
+from support.parity import (make_trainer, max_abs_diff, prepared_mlm, rel, tokenized_classification,
+                            uneven_lines, weights)
+from support.tiny import make_tiny_bert
 
 N, B = 4, 2  # accumulation steps, micro-batch size: one update = 8 examples
 STEPS = 3

@@ -8,7 +8,7 @@ Every case must agree with Trainer, except where shared/notes/trainer-semantics.
 records what Trainer does, so the test fails when either side changes behaviour.
 
 Job: a 2-layer BERT, 8 training rows of one word (4 updates per epoch at batch 2), 2 validation rows, at most
-12 updates. The metric is scripted per evaluation count (`parity_support.scripted_metric`), so the decisions
+12 updates. The metric is scripted per evaluation count (`support.parity.scripted_metric`), so the decisions
 are what is compared, not the model's noise.
 """
 
@@ -19,12 +19,10 @@ from typing import Optional
 
 import pytest
 
-from conftest import REPO
-from parity_support import (checkpoints_on_disk, make_trainer, max_abs_diff, scripted_metric, step_of,
-                            tokenized_classification, weights, write_rows)
 from scaletune.train import run
-
-pytestmark = pytest.mark.slow
+from support.parity import (checkpoints_on_disk, make_trainer, max_abs_diff, scripted_metric, step_of,
+                            tokenized_classification, weights, write_rows)
+from support.tiny import REPO
 
 COMMON = dict(per_device_train_batch_size=2, per_device_eval_batch_size=2, learning_rate=1e-3, seed=3,
               logging_steps=1)

@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import accelerate_launch
-from parity_support import make_trainer, prepared_mlm, rel, tokenized_classification, uneven_lines
 from scaletune.train import run
-
-pytestmark = pytest.mark.slow
+from support.parity import make_trainer, prepared_mlm, rel, tokenized_classification, uneven_lines
+from support.tiny import accelerate_launch
 
 EVAL_BATCH = 8
 METRICS = ("accuracy", "precision", "recall", "f1", "matthews_correlation")

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from parity_support import make_trainer, max_abs_diff, rel, tokenized_classification, weights
 from scaletune.train import run
-
-pytestmark = pytest.mark.slow
+from support.parity import make_trainer, max_abs_diff, rel, tokenized_classification, weights
 
 # 96 rows / batch 8 = 12 updates per epoch; 5 epochs = 60 steps, four epoch boundaries.
 JOB = dict(per_device_train_batch_size=8, per_device_eval_batch_size=16, num_train_epochs=5, seed=7,

@@ -19,8 +19,8 @@ import shlex
 import pytest
 import torch
 
-from conftest import REPO, accelerate_launch, make_tiny_bert, write_sentiment_csv
-from parity_support import rel, step_of
+from support.parity import rel, step_of
+from support.tiny import REPO, accelerate_launch, make_tiny_bert, write_sentiment_csv
 
 DOC = (REPO / "docs" / "migrating-from-trainer.md").read_text()
 
@@ -63,7 +63,6 @@ def side_by_side(tmp_path_factory):
     return namespace, out
 
 
-@pytest.mark.slow
 def test_documented_trainer_script_and_command_make_the_same_run(side_by_side):
     namespace, out = side_by_side
     trainer, predictions = namespace["trainer"], namespace["predictions"]

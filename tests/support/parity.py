@@ -27,7 +27,7 @@ def write_rows(path: Path, rows: list[tuple[str, int]]) -> str:
 
 def uneven_lines(n: int = 24, seed: int = 5) -> list[str]:
     """Mostly 2-4 word lines with a 40-word line every 8th: masked-token counts per batch differ a lot."""
-    from conftest import WORDS_FILL, WORDS_NEG, WORDS_POS
+    from support.tiny import WORDS_FILL, WORDS_NEG, WORDS_POS
 
     rng = random.Random(seed)
     words = WORDS_POS + WORDS_NEG + WORDS_FILL

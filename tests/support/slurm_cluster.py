@@ -1,7 +1,8 @@
 """A real Slurm cluster on the test machine: munge + slurmctld + one slurmd per simulated node.
 
-Used by tests/test_slurm.py through the session-scoped `slurm_cluster` fixture, so every SLURM test shares
-one cluster. Nothing here mocks Slurm: jobs go through sbatch, the scheduler, slurmd and slurmstepd.
+Used by tests/cluster/test_slurm.py through the session-scoped `slurm_cluster` fixture (tests/cluster/conftest.py),
+so every SLURM test shares one cluster. Nothing here mocks Slurm: jobs go through sbatch, the scheduler, slurmd
+and slurmstepd.
 
 What it does (see /work/shared/notes/slurm-on-one-machine.md for why each setting is there):
   - installs slurmctld/slurmd/slurm-client/munge with apt if they are missing (needs root);
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from support.tiny import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "munged", "munge", "unmunge"]
@@ -90,12 +93,6 @@ SlurmdLogFile={root}/log/slurmd-%n.log
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], env: dict | None = None, timeout: float = 60, check: bool = True, cwd=None):
@@ -225,9 +222,9 @@ class SlurmCluster:
         for sub in ("state", "log", "run"):
             shutil.chown(self.root / sub, "slurm", "slurm")
         hardware = node_hardware(_run(["slurmd", "-C"]).stdout)
-        ports = {node: _free_port() for node in self.nodes}
+        ports = {node: free_port() for node in self.nodes}
         first_job_id = random.randrange(1000, 4000)
-        self.conf.write_text(slurm_conf(self.root, self.host, _free_port(), ports, hardware, first_job_id))
+        self.conf.write_text(slurm_conf(self.root, self.host, free_port(), ports, hardware, first_job_id))
         self.conf.chmod(0o644)
 
     def _add_node_names_to_hosts(self) -> None:
@@ -316,21 +313,3 @@ def _resolves(name: str) -> bool:
         return True
     except OSError:
         return False
-
-
-# --------------------------------------------------------------------------- the fixture
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A 2-node Slurm cluster shared by every SLURM test of the session (import it into the test module)."""
-    ensure_slurm_installed()
-    cluster = SlurmCluster(num_nodes=2)
-    try:
-        cluster.start()
-    except Exception as e:
-        logs = cluster.daemon_logs()
-        cluster.stop()
-        raise RuntimeError(f"could not start the test Slurm cluster: {e}\n{logs}") from e
-    yield cluster
-    cluster.stop()

@@ -1,11 +1,10 @@
 """The README tells the truth: two quickstart commands, CI runs the second, the reference is current."""
 
 import re
-from pathlib import Path
 
 from scaletune.config import load_config, reference_markdown
+from support.tiny import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 

@@ -1,7 +1,7 @@
 """./launch: preset -> accelerate command, process count from the visible GPUs or --cpu, global batch, errors.
 
 Everything here is `--dry-run` or fails before launching, so it runs in a second; the launched runs are in
-test_scale_out.py. GPUs are simulated with CUDA_VISIBLE_DEVICES, which is what ./launch counts (as torch does).
+tests/e2e/test_scale_out.py. GPUs are simulated with CUDA_VISIBLE_DEVICES, which is what ./launch counts (as torch does).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from support.tiny import REPO, run_cli
 
 LAUNCH = str(REPO / "launch")
 PRESETS = sorted(p.stem for p in (REPO / "accelerate_configs").glob("*.yaml"))

@@ -1,35 +1,33 @@
-"""Typed configuration: model, data and training argument groups.
+"""The configuration schema: model, data and training argument groups, and the whole run's Config.
 
-Field names follow `transformers.TrainingArguments` and the example scripts
-(`run_classification.py`, `run_mlm.py`) wherever the concept is the same, so
-existing commands carry over. A config comes from any of the three sources
-`HfArgumentParser` users know -- CLI flags, a YAML/JSON file, a Python dict --
-or a file plus CLI overrides. Every key lives in exactly one group; the flat
-namespace is what users type.
-
-Validation happens here, before any model or data is loaded: a bad config
-costs seconds, not a cluster allocation.
+Field names follow `transformers.TrainingArguments` and the example scripts wherever the concept is the same.
+The attribute docstrings are the documentation (`reference.py` reads them from this file's source).
+Validation is in `__post_init__`, before any model, data or torch import, and never changes a value silently:
+an `int` field holds an int, a `float` a finite number, a `str` a string. Values that follow from others
+(data seed, evaluation interval, global batch) are properties, computed here and nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Literal, Optional, Union
 
-import yaml
+from ..errors import ConfigError
+from .checks import check_types
+from .checks import number_text as _num
+from .checks import require as _require
 
-
-from .errors import ConfigError  # noqa: E402  (re-exported: `from scaletune.config import ConfigError`)
-
-
-# --------------------------------------------------------------------------- groups
+# The allowed values of each choice field live in its Literal alone: validation, the reference and `--help`
+# read them with typing.get_args. A new task is one more word in TaskName (plus its module in tasks/).
+TaskName = Literal["classification", "regression", "multilabel", "mlm"]
+Strategy = Literal["no", "steps", "epoch"]
+NonFinitePolicy = Literal["stop", "skip"]
+SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+TRACKERS = ("wandb", "tensorboard")
 
 
 @dataclass
@@ -52,13 +50,19 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = False
     """Re-initialise head weights whose shape differs from the checkpoint (e.g. another label count)."""
 
+    def __post_init__(self):
+        check_types(self)
+
 
 @dataclass
 class DataArguments:
     """What to train on and how to turn it into batches."""
 
-    task: str = "classification"
-    """`classification` (sequence classification) or `mlm` (masked language modelling, as `run_mlm.py`)."""
+    task: TaskName = "classification"
+    """What to train: sequence classification, regression (one number per text, or text pair), multi-label
+    classification (a set of labels per text), or masked language modelling as `run_mlm.py`. Under
+    `classification` a float label column means regression and a list column (or `label_delimiter`) means
+    multi-label, as run_glue.py decides; the choice is logged."""
     dataset_name: Optional[str] = None
     """Hub dataset (`imdb`, `glue`) or `packaged:rotten_tomatoes` / `packaged:bbc_news` (offline)."""
     dataset_config_name: Optional[str] = None
@@ -72,13 +76,23 @@ class DataArguments:
     text_column_names: Optional[str] = None
     """Classification: one or two text columns, comma separated (`sentence1,sentence2`). Default: `text`/`sentence`."""
     label_column_name: str = "label"
-    """Classification: the label column (integers or strings)."""
+    """Classification: the label column (integers or strings); regression: numbers; multi-label: lists of labels,
+    or strings split on `label_delimiter`."""
+    label_delimiter: Optional[str] = None
+    """Multi-label: the separator of labels in a string label column (`"|"` reads `"sports|politics"`); also joins
+    the predicted labels in the predictions file (default `|`). Unset: labels must be a list column."""
+    multilabel_threshold: float = 0.5
+    """Multi-label: a label is predicted when its probability is at least this, in (0, 1)."""
+    drop_unlabelled_rows: bool = False
+    """Drop train/validation rows with no label (empty cell, null) and log how many, instead of stopping with an
+    error that names them."""
     text_column_name: Optional[str] = None
     """MLM: the text column (default `text`, else the first string column)."""
     max_seq_length: Optional[int] = None
-    """Longer inputs are truncated. Classification default 128; MLM default min(1024, tokenizer limit) as run_mlm."""
+    """Longer inputs are truncated (>= 1). Classification default 128; MLM default min(1024, tokenizer limit)
+    as run_mlm."""
     validation_split_percentage: int = 5
-    """Percent of train carved out for validation when the dataset has no validation split."""
+    """Percent of train carved out for validation when the dataset has no validation split (0 to 99)."""
     max_train_samples: Optional[int] = None
     """Truncate the training set (debugging, quick runs)."""
     max_eval_samples: Optional[int] = None
@@ -92,11 +106,22 @@ class DataArguments:
     pad_to_multiple_of: Optional[int] = None
     """Pad batches to a multiple of this (8 for tensor cores with fp16/bf16)."""
     mlm_probability: float = 0.15
-    """MLM: fraction of tokens masked."""
+    """MLM: fraction of tokens masked, in (0, 1)."""
     line_by_line: bool = False
     """MLM: one example per non-empty line, padded, instead of grouping text into blocks."""
     streaming: bool = False
     """MLM: stream the dataset instead of tokenizing it up front (requires max_steps)."""
+
+    def __post_init__(self):
+        check_types(self)
+        for name in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_predict_samples",
+                     "preprocessing_num_workers", "pad_to_multiple_of"):
+            _require(self, name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 (or unset)")
+        _require(self, "mlm_probability", 0 < self.mlm_probability < 1, "in (0, 1)")
+        _require(self, "multilabel_threshold", 0 < self.multilabel_threshold < 1, "in (0, 1)")
+        _require(self, "label_delimiter", self.label_delimiter is None or self.label_delimiter != "",
+                 "a non-empty string (or unset)")
+        _require(self, "validation_split_percentage", 0 <= self.validation_split_percentage < 100, "in [0, 100)")
 
 
 @dataclass
@@ -124,32 +149,35 @@ class TrainingArguments:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer update. Loss is normalised over the whole window (unlike Trainer 5.x)."""
     learning_rate: float = 5e-5
-    """Peak AdamW learning rate."""
+    """Peak AdamW learning rate (> 0)."""
     weight_decay: float = 0.0
-    """AdamW weight decay; never applied to biases and LayerNorm weights."""
+    """AdamW weight decay (>= 0); never applied to biases and LayerNorm weights."""
     adam_beta1: float = 0.9
+    """AdamW beta1, in [0, 1)."""
     adam_beta2: float = 0.999
+    """AdamW beta2, in [0, 1)."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon (> 0)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
-    lr_scheduler_type: str = "linear"
-    """`linear`, `cosine`, `constant` or `constant_with_warmup`."""
+    lr_scheduler_type: SchedulerType = "linear"
+    """Learning-rate schedule after warmup, as `transformers.get_scheduler`."""
     warmup_steps: float = 0
     """Warmup: an integer >= 1 is steps, a float < 1 a fraction of max_steps."""
     logging_steps: float = 500
     """Log every N updates (< 1: fraction of max_steps)."""
     logging_first_step: bool = False
     """Also log after the first update."""
-    eval_strategy: str = "no"
-    """`no`, `steps` or `epoch`."""
+    eval_strategy: Strategy = "no"
+    """When to evaluate during training: never, every eval_steps updates, or after every epoch."""
     eval_steps: Optional[float] = None
     """Evaluate every N updates (< 1: fraction of max_steps). Default: logging_steps."""
     eval_delay: float = 0
     """No evaluation before this many updates."""
     eval_on_start: bool = False
     """Evaluate once before training (sanity check)."""
-    save_strategy: str = "steps"
-    """`no`, `steps` or `epoch`."""
+    save_strategy: Strategy = "steps"
+    """When to save a checkpoint: never, every save_steps updates, or after every epoch."""
     save_steps: float = 500
     """Save every N updates (< 1: fraction of max_steps)."""
     save_total_limit: Optional[int] = None
@@ -163,9 +191,9 @@ class TrainingArguments:
     early_stopping_patience: Optional[int] = None
     """Stop after this many evaluations without improvement (as EarlyStoppingCallback). Needs evaluation."""
     early_stopping_threshold: float = 0.0
-    """An improvement must exceed this to reset the patience counter."""
+    """An improvement must exceed this (>= 0) to reset the patience counter."""
     seed: int = 42
-    """Seed for model init, dropout and data order."""
+    """Seed for model init, dropout and data order, in [0, 2**32)."""
     data_seed: Optional[int] = None
     """Seed for the data order only (default: seed)."""
     bf16: bool = False
@@ -191,7 +219,7 @@ class TrainingArguments:
     disable_tqdm: bool = False
     """No progress bar."""
     dataloader_num_workers: int = 0
-    """Worker processes per dataloader."""
+    """Worker processes per dataloader (0: load in the main process)."""
     dataloader_pin_memory: bool = True
     """Pin host memory for faster copies to the GPU."""
     dataloader_drop_last: bool = False
@@ -200,40 +228,76 @@ class TrainingArguments:
     """Recompute activations in backward to save memory."""
     torch_compile: bool = False
     """Compile the model with torch.compile."""
+    on_nonfinite: NonFinitePolicy = "stop"
+    """A NaN/inf loss or gradient norm (on any rank): `stop` ends the run naming the step, keeping the last good
+    checkpoint; `skip` drops that update and stops after max_skipped_updates. (fp16 overflow is the grad
+    scaler's business and not counted.)"""
+    max_skipped_updates: int = 10
+    """With on_nonfinite=skip: stop once more updates than this were dropped."""
+    ddp_timeout: int = 600
+    """Seconds a collective may wait for the other processes before the run fails naming the problem (Trainer's
+    default is 1800): a dead or stopped rank ends the job instead of hanging it."""
 
     def __post_init__(self):
-        for name in ("eval_strategy", "save_strategy"):
-            value = getattr(self, name)
-            if value not in ("no", "steps", "epoch"):
-                raise ConfigError(f"{name}={value!r} is not one of no, steps, epoch.")
-        if self.lr_scheduler_type not in SCHEDULER_TYPES:
-            raise ConfigError(
-                f"lr_scheduler_type={self.lr_scheduler_type!r} is not one of {', '.join(SCHEDULER_TYPES)}."
-            )
-        if isinstance(self.report_to, str):
-            self.report_to = [t.strip() for t in self.report_to.split(",") if t.strip()]
-        self.report_to = [t for t in self.report_to if t != "none"]
-        for tracker in self.report_to:
-            if tracker not in ("wandb", "tensorboard"):
-                raise ConfigError(f"report_to contains {tracker!r}; use wandb, tensorboard or none.")
+        self._normalise_report_to()
+        check_types(self)
+        self._check_ranges()
+        self._check_cadence()
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set; choose one.")
+        # Trainer's defaults, filled in so the saved config.yaml says what the run did.
+        if self.metric_for_best_model is None and (self.load_best_model_at_end or self.early_stopping_patience):
+            self.metric_for_best_model = "loss"
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
+    def _normalise_report_to(self):
+        # Trainer accepts "wandb,tensorboard" or a list; one form (a list, "none" dropped) downstream.
+        value = self.report_to
+        if value is None:
+            value = []
+        elif isinstance(value, str):
+            value = [t.strip() for t in value.split(",") if t.strip()]
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise ConfigError(f"report_to={self.report_to!r} is not valid; give tracker names: "
+                              f"{', '.join(TRACKERS)} or none, comma separated.")
+        self.report_to = [t for t in value if t != "none"]
+        for tracker in self.report_to:
+            if tracker not in TRACKERS:
+                raise ConfigError(f"report_to contains {tracker!r}; use {', '.join(TRACKERS)} or none.")
+
+    def _check_ranges(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+            _require(self, name, getattr(self, name) >= 1, ">= 1")
+        _require(self, "learning_rate", self.learning_rate > 0, "> 0")
+        _require(self, "adam_epsilon", self.adam_epsilon > 0, "> 0")
+        _require(self, "max_skipped_updates", self.max_skipped_updates >= 0, ">= 0")
+        _require(self, "ddp_timeout", self.ddp_timeout >= 1, ">= 1 (seconds)")
+        for name in ("weight_decay", "max_grad_norm", "eval_delay", "early_stopping_threshold",
+                     "dataloader_num_workers"):
+            _require(self, name, getattr(self, name) >= 0, ">= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(self, name, 0 <= getattr(self, name) < 1, "in [0, 1)")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            # numpy's seed range: accelerate's set_seed seeds numpy with it.
+            _require(self, name, value is None or 0 <= value < 2**32, "in [0, 2**32)")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("Set num_train_epochs > 0 or max_steps > 0.")
-        for name in ("logging_steps", "save_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0 (a fraction < 1 means a fraction of max_steps).")
-        if self.eval_steps is not None and self.eval_steps <= 0:
-            raise ConfigError("eval_steps must be > 0 (a fraction < 1 means a fraction of max_steps).")
-        if self.warmup_steps < 0 or (self.warmup_steps > 1 and self.warmup_steps != int(self.warmup_steps)):
-            raise ConfigError("warmup_steps must be an integer >= 1 (steps) or a float in [0, 1) (fraction).")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ConfigError("save_total_limit must be >= 1 (or unset to keep every checkpoint).")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ConfigError("early_stopping_patience must be >= 1 (or unset to disable early stopping).")
+            raise ConfigError(f"max_steps={self.max_steps} and num_train_epochs={_num(self.num_train_epochs)}: "
+                              f"set num_train_epochs > 0 or max_steps > 0.")
+        for name in ("logging_steps", "save_steps", "eval_steps"):
+            value = getattr(self, name)
+            _require(self, name, value is None or value > 0, "> 0 (a fraction < 1 means a fraction of max_steps)")
+        w = self.warmup_steps
+        _require(self, "warmup_steps", w >= 0 and (w <= 1 or float(w).is_integer()),
+                 "an integer >= 1 (steps) or a number in [0, 1) (a fraction of max_steps)")
+        _require(self, "save_total_limit", self.save_total_limit is None or self.save_total_limit >= 1,
+                 ">= 1 (or unset to keep every checkpoint)")
+        _require(self, "early_stopping_patience",
+                 self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                 ">= 1 (or unset to disable early stopping)")
+
+    def _check_cadence(self):
         if self.load_best_model_at_end:
             if self.eval_strategy == "no":
                 raise ConfigError("load_best_model_at_end needs evaluation: set eval_strategy=steps or epoch.")
@@ -242,36 +306,37 @@ class TrainingArguments:
                     f"load_best_model_at_end needs save_strategy == eval_strategy, got save_strategy="
                     f"{self.save_strategy} and eval_strategy={self.eval_strategy}."
                 )
-            if self.eval_strategy == "steps":
-                eval_steps = self.eval_steps if self.eval_steps is not None else self.logging_steps
-                # Fractional intervals are resolved against max_steps later (schedule.resolve_intervals).
-                if eval_steps >= 1 and self.save_steps >= 1 and self.save_steps % eval_steps != 0:
-                    raise ConfigError(
-                        f"load_best_model_at_end needs save_steps to be a multiple of eval_steps, got "
-                        f"save_steps={_num(self.save_steps)} and eval_steps={_num(eval_steps)}: set "
-                        f"save_steps={_num(eval_steps)} (or a multiple of it)."
-                    )
+            eval_steps = self.resolved_eval_steps
+            # Fractional intervals are resolved against max_steps later (schedule.resolve_intervals).
+            if (self.eval_strategy == "steps" and eval_steps >= 1 and self.save_steps >= 1
+                    and self.save_steps % eval_steps != 0):
+                raise ConfigError(
+                    f"load_best_model_at_end needs save_steps to be a multiple of eval_steps, got "
+                    f"save_steps={_num(self.save_steps)} and eval_steps={_num(eval_steps)}: set "
+                    f"save_steps={_num(eval_steps)} (or a multiple of it)."
+                )
         if self.early_stopping_patience is not None and self.eval_strategy == "no":
             raise ConfigError("early_stopping_patience needs evaluation: set eval_strategy=steps or epoch.")
-        if self.metric_for_best_model is None and (self.load_best_model_at_end or self.early_stopping_patience):
-            self.metric_for_best_model = "loss"
-        if self.metric_for_best_model is not None and self.greater_is_better is None:
-            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 
+    # Derived values: computed here, used everywhere.
     @property
     def mixed_precision(self) -> Optional[str]:
+        """`bf16`, `fp16`, or None (then the Accelerate config decides)."""
         return "bf16" if self.bf16 else "fp16" if self.fp16 else None
 
+    @property
+    def resolved_data_seed(self) -> int:
+        """The seed of the data order: data_seed if set, else seed (as Trainer)."""
+        return self.data_seed if self.data_seed is not None else self.seed
 
-SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
-TASKS = ("classification", "mlm")
+    @property
+    def resolved_eval_steps(self) -> float:
+        """The evaluation interval before fractions are resolved: eval_steps if set, else logging_steps."""
+        return self.eval_steps if self.eval_steps is not None else self.logging_steps
 
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-# --------------------------------------------------------------------------- the whole config
+    def global_batch_size(self, world_size: int) -> int:
+        """Examples per optimizer update: per-device micro-batch x accumulation steps x processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
 
 
 @dataclass
@@ -284,14 +349,8 @@ class Config:
 
     def __post_init__(self):
         d, t = self.data, self.training
-        if d.task not in TASKS:
-            raise ConfigError(f"task={d.task!r} is not one of {', '.join(TASKS)}.")
         if d.streaming and t.max_steps <= 0:
             raise ConfigError("streaming=true needs max_steps > 0 (a stream has no known length).")
-        if not 0 < d.mlm_probability < 1:
-            raise ConfigError(f"mlm_probability must be in (0, 1), got {d.mlm_probability}.")
-        if not 0 <= d.validation_split_percentage < 100:
-            raise ConfigError("validation_split_percentage must be in [0, 100).")
         if d.dataset_name is None and d.train_file is None and t.do_train:
             raise ConfigError("No training data: set dataset_name or train_file.")
 
@@ -303,6 +362,8 @@ class Config:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
+        import yaml
+
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
@@ -311,205 +372,4 @@ FIELD_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclass
 FIELD_TYPE = {
     f.name: typing.get_type_hints(cls)[f.name] for cls in GROUPS.values() for f in dataclasses.fields(cls)
 }
-# Older names people still type; mapped to the current TrainingArguments names.
-ALIASES = {"evaluation_strategy": "eval_strategy", "block_size": "max_seq_length"}
 
-
-def _unknown_key_error(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(FIELD_GROUP), n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else " See the configuration reference in README.md."
-    return ConfigError(f"Unknown config key {key!r}.{hint}")
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Convert a value (a CLI string, or a YAML scalar) to the field's type."""
-    tp = FIELD_TYPE[key]
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    optional = type(None) in typing.get_args(tp)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
-        if optional or key == "report_to":
-            return None if key != "report_to" else "none"
-        raise ConfigError(f"{key} cannot be empty.")
-    base = args[0] if args and typing.get_origin(tp) is Union and len(args) == 1 else tp
-    if key == "report_to":
-        return value if isinstance(value, list) else str(value)
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).lower()
-            if s in ("true", "1", "yes", "y", "on"):
-                return True
-            if s in ("false", "0", "no", "n", "off"):
-                return False
-            raise ValueError
-        if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if base is float:
-            return float(value)
-        if base is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {base.__name__}.") from None
-    return value
-
-
-def load_file(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} does not exist.")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"Config file {str(path)!r} is not valid {path.suffix.lstrip('.').upper()}: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys to values.")
-    # Allow grouped files (model:/data:/training:) as well as flat ones.
-    flat: dict = {}
-    for k, v in data.items():
-        if k in GROUPS and isinstance(v, dict):
-            flat.update(v)
-        else:
-            flat[k] = v
-    return flat
-
-
-def parse_cli(argv: list[str]) -> tuple[Optional[str], dict]:
-    """Split `[CONFIG] --key value --flag --key=value ...` into (config file, overrides)."""
-    config_file = None
-    overrides: dict = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            if config_file is None and i == 0:
-                config_file = arg
-                i += 1
-                continue
-            raise ConfigError(f"Unexpected argument {arg!r}: options are written --key value.")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        key = ALIASES.get(key, key)
-        if key not in FIELD_GROUP:
-            raise _unknown_key_error(key)
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            is_bool = FIELD_TYPE[key] is bool
-            if nxt is None or (nxt.startswith("--") and not _is_number(nxt)):
-                if not is_bool:
-                    raise ConfigError(f"--{key} needs a value.")
-                value = "true"
-            else:
-                value = nxt
-                i += 1
-        overrides[key] = value
-        i += 1
-    return config_file, overrides
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-ConfigSource = Union[None, dict, str, os.PathLike, list, Config]
-
-
-def load_config(source: ConfigSource = None, overrides: Optional[dict] = None) -> Config:
-    """Build a validated Config from a dict, a YAML/JSON path, or a list of CLI arguments.
-
-    With no source at all, the embedded offline demo recipe is used.
-    """
-    if isinstance(source, Config):
-        return source
-    values: dict = {}
-    if source is None or (isinstance(source, list) and not source):
-        values = load_file(recipe_path("demo"))
-    elif isinstance(source, list):
-        config_file, cli = parse_cli([str(a) for a in source])
-        if config_file is not None:
-            values = load_file(resolve_recipe(config_file))
-        elif cli:
-            # Flags alone start from the defaults, not the demo, as HfArgumentParser does.
-            values = {}
-        values.update(cli)
-    elif isinstance(source, dict):
-        values = dict(source)
-    else:
-        values = load_file(resolve_recipe(str(source)))
-    values.update(overrides or {})
-
-    grouped: dict = {g: {} for g in GROUPS}
-    for key, value in values.items():
-        key = ALIASES.get(key, key)
-        if key not in FIELD_GROUP:
-            raise _unknown_key_error(key)
-        grouped[FIELD_GROUP[key]][key] = _coerce(key, value)
-    return Config(**{g: GROUPS[g](**kw) for g, kw in grouped.items()})
-
-
-def recipe_path(name: str) -> Path:
-    return Path(__file__).parent / "recipes" / f"{name}.yaml"
-
-
-def resolve_recipe(name_or_path: str) -> str:
-    """A config argument is a file path, or the name of a packaged recipe (`demo`, `imdb_bert`)."""
-    if Path(name_or_path).exists() or name_or_path.endswith((".yaml", ".yml", ".json")):
-        return name_or_path
-    candidate = recipe_path(name_or_path)
-    if candidate.exists():
-        return str(candidate)
-    names = sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
-    raise ConfigError(f"No config file or packaged recipe named {name_or_path!r}. Recipes: {', '.join(names)}.")
-
-
-def ceil_int(x: float) -> int:
-    return int(math.ceil(x))
-
-
-def field_docs() -> dict[str, dict[str, str]]:
-    """{group: {field: docstring}} read from this file's attribute docstrings (the single source of truth)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(inspect.getmodule(field_docs)))
-    docs: dict = {}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name in {c.__name__ for c in GROUPS.values()}:
-            group = next(g for g, c in GROUPS.items() if c.__name__ == node.name)
-            docs[group] = {}
-            body = node.body
-            for i, stmt in enumerate(body):
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                    nxt = body[i + 1] if i + 1 < len(body) else None
-                    doc = (nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                           and isinstance(nxt.value.value, str) else "")
-                    docs[group][stmt.target.id] = " ".join(doc.split())
-    return docs
-
-
-def reference_markdown() -> str:
-    """The configuration reference in README.md: `python -m scaletune.config` prints it."""
-    lines = []
-    defaults = {g: cls() for g, cls in GROUPS.items() if g != "training"}
-    defaults["training"] = TrainingArguments()
-    for group, fields_ in field_docs().items():
-        lines += [f"#### {group}", "", "| key | default | meaning |", "|---|---|---|"]
-        for name, doc in fields_.items():
-            default = getattr(defaults[group], name)
-            default = "none" if default is None or default == [] else default
-            lines.append(f"| `{name}` | `{default}` | {doc.replace('|', '/')} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(reference_markdown())

@@ -6,11 +6,11 @@ distribution, tracking -- is shared. Adding a task (causal LM, token
 classification) is one new module in this package plus one line in
 `tasks/__init__.py`.
 
-Loss contract (why tasks do not compute their own loss): the loop computes
-`cross_entropy(logits, labels, ignore_index=-100, reduction="sum")` per
-micro-batch and divides by the number of non-ignored labels across the whole
-accumulation window and all ranks. So a task only has to put `labels` in the
-batch, using -100 for positions that do not count.
+Loss contract: a task names its loss through `loss(cfg)`, an `ItemLoss` from
+`losses.py` that returns per-sample *sums* and item counts; the loop divides by
+the number of items across the whole accumulation window and all ranks, and
+evaluation uses the same object. A task puts `labels` in the batch, using -100
+for positions that do not count.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from ..losses import CrossEntropy, ItemLoss
 
 
 @dataclass
@@ -41,7 +43,6 @@ class Task:
     """Base class; see ClassificationTask and MaskedLMTask."""
 
     name: str = ""
-    default_metric_for_best_model: str = "loss"
     metric_names: tuple = ("loss",)
     """Evaluation metrics the task reports (without `eval_`), checked against metric_for_best_model up front."""
 
@@ -56,6 +57,10 @@ class Task:
     def build_model(self, cfg, prepared: PreparedData, tokenizer):
         """Load the pretrained model with the right head (and label maps / resized embeddings)."""
         raise NotImplementedError
+
+    def loss(self, cfg) -> ItemLoss:
+        """The training and evaluation loss (default: cross-entropy over labels, -100 ignored)."""
+        return CrossEntropy()
 
     def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
         """Batch collator (dynamic padding; MLM masking)."""

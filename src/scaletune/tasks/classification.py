@@ -1,25 +1,141 @@
-"""Sequence classification (the IMDB / GLUE tutorial job): one or two text columns, int or string labels."""
+"""Sequence classification (the IMDB / GLUE tutorial job): one or two text columns, int or string labels.
+
+This module also holds what the regression and multi-label tasks share with it -- text columns, label
+checks, tokenization, the model head -- so those tasks only say how a label value becomes a target.
+
+Label rules, as transformers' `run_classification.py`:
+
+* the label set is the `ClassLabel` names, else the sorted distinct labels of the train split (integer
+  labels 1-5 are 5 classes, named "1".."5");
+* under `task: classification` the label column decides the job: floats are regression, lists (or
+  strings with `label_delimiter` set) are multi-label -- the choice is logged in one line;
+* a train or validation row without a label is an error naming the rows, unless `drop_unlabelled_rows`
+  drops them (the count is logged); a test split with unlabelled rows (GLUE's -1) is predicted without
+  test metrics.
+"""
 
 from __future__ import annotations
 
 import csv
+import functools
+import logging
+import math
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
-from ..data import DataError
+from ..errors import DataError
+from ..losses import CrossEntropy, ItemLoss
 from .base import PreparedData, Task
+
+logger = logging.getLogger(__name__)
 
 # Column pairs tried in order when text_column_names is not given (as run_glue.py / run_classification.py).
 _DEFAULT_TEXT_COLUMNS = [("text",), ("sentence",), ("sentence1", "sentence2"), ("question", "sentence"),
                          ("premise", "hypothesis"), ("question1", "question2"), ("review",), ("content",)]
 _ID_COLUMNS = ("id", "idx", "guid")
+_SHOWN_ROWS = 5  # row indices named in an error message
+
+
+# --------------------------------------------------------------------------- label columns
+
+
+def is_missing(value) -> bool:
+    """No label: None (an empty CSV cell, a JSON null) or NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def is_list_feature(feature) -> bool:
+    return isinstance(feature, (list, tuple)) or type(feature).__name__ in ("List", "LargeList", "Sequence")
+
+
+def _dtype(feature) -> str:
+    return str(getattr(feature, "dtype", ""))
+
+
+def is_float_feature(feature) -> bool:
+    return _dtype(feature).startswith("float")
+
+
+def is_numeric_feature(feature) -> bool:
+    return _dtype(feature).startswith(("int", "uint", "float")) and not hasattr(feature, "names")
+
+
+def is_string_feature(feature) -> bool:
+    return _dtype(feature) in ("string", "large_string")
+
+
+def labelled_splits(raw, col: str):
+    """(split, dataset) for every split whose label column holds at least one label.
+
+    A test split with no label at all (a JSON null column, GLUE's hidden labels) is predicted without
+    metrics, so its column's type says nothing about the task.
+    """
+    for split, ds in raw.items():
+        if col in ds.column_names and any(not is_missing(v) for v in ds[col]):
+            yield split, ds
+
+
+def label_source(raw):
+    """The split the label set comes from: train, else validation (evaluation-only runs)."""
+    return raw["train"] if "train" in raw else raw["validation"] if "validation" in raw else next(iter(raw.values()))
+
+
+def detect_label_kind(raw, cfg) -> str:
+    """`classification`, `regression` or `multilabel`, from the label column of the train split.
+
+    Floats are regression (as run_glue.py) unless every value is a whole number: a CSV integer column with
+    blank cells reads as floats, and those are still class labels.
+    """
+    col = cfg.data.label_column_name
+    ds = label_source(raw)
+    if col not in ds.column_names:
+        return "classification"  # the missing column is reported by prepare_data
+    feature = ds.features[col]
+    if is_list_feature(feature) or (cfg.data.label_delimiter and is_string_feature(feature)):
+        return "multilabel"
+    if is_float_feature(feature):
+        values = [v for v in ds[col] if not is_missing(v)]
+        if values and all(float(v).is_integer() for v in values):
+            return "classification"
+        return "regression"
+    return "classification"
+
+
+def row_names(ds, rows: list[int]) -> str:
+    """How an error names rows: by the id column when there is one, else by 0-based index in the split."""
+    id_col = next((c for c in _ID_COLUMNS if c in ds.column_names), None)
+    shown = rows[:_SHOWN_ROWS]
+    more = ", ..." if len(rows) > _SHOWN_ROWS else ""
+    if id_col:
+        ids = ds.select(shown)[id_col]
+        return f"{id_col} " + ", ".join(str(i) for i in ids) + more
+    return "0-based rows " + ", ".join(str(i) for i in shown) + more
+
+
+def _delegated(method):
+    """Forward to the task chosen from the labels (see ClassificationTask.prepare_data), if one was."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        chosen = getattr(self, "_chosen", None)
+        if chosen is not None:
+            return getattr(chosen, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class ClassificationTask(Task):
     name = "classification"
-    default_metric_for_best_model = "loss"
     metric_names = ("loss", "accuracy", "precision", "recall", "f1", "matthews_correlation")
+    problem_type: Optional[str] = None  # transformers infers single-label classification from integer labels
+    detects_label_kind = True
+    """Only `task: classification` looks at the label column to pick regression or multi-label."""
+
+    def __init__(self):
+        self._chosen: Optional[Task] = None
 
     # ------------------------------------------------------------------ data
     def text_columns(self, columns: list[str], cfg) -> tuple[str, ...]:
@@ -40,51 +156,168 @@ class ClassificationTask(Task):
     def label_list(self, raw, cfg) -> list:
         """Label names in id order: ClassLabel names, else the sorted distinct values of the train split."""
         col = cfg.data.label_column_name
-        train = raw["train"] if "train" in raw else raw["validation"]
+        train = label_source(raw)
         feature = train.features[col]
         if hasattr(feature, "names"):
             return list(feature.names)
-        values = [v for v in train.unique(col) if v is not None and v != -1]
+        values = [v for v in train.unique(col) if not is_missing(v)]
         if not values:
             raise DataError(f"The label column {col!r} of the train split holds no labels.")
+        if is_float_feature(feature):
+            if not all(float(v).is_integer() for v in values):
+                raise DataError(f"The label column {col!r} holds fractional numbers, which are not class labels; "
+                                f"set task: regression to regress on them.")
+            values = [int(v) for v in values]
+            logger.warning("The label column %r holds whole-number floats (a CSV integer column with blank cells "
+                           "reads as floats): using them as the %d class labels %s (set task: regression to "
+                           "regress on them).", col, len(values), sorted(values)[:10])
         if all(isinstance(v, (int, np.integer)) for v in values):
-            # Integer labels are ids 0..n-1 (as the model head expects); gaps are filled so ids stay ids.
-            return list(range(int(max(values)) + 1))
-        if any(isinstance(v, float) for v in values):
-            raise DataError(f"The label column {col!r} holds floats; regression is not supported. "
-                            f"Use integer or string class labels.")
+            # The label set is the sorted distinct values (labels 1-5 are 5 classes), as run_classification.py.
+            return sorted(int(v) for v in values)
+        self._check_not_mixed_numbers(col, [str(v) for v in values])
         return sorted(str(v) for v in values)
 
+    @staticmethod
+    def _check_not_mixed_numbers(col: str, values: list[str]) -> None:
+        """Fractional numbers next to text in one label column are a broken regression column, not classes."""
+        fractional, text = [], []
+        for v in values:
+            try:
+                number = float(v)
+            except ValueError:
+                text.append(v)
+                continue
+            if not number.is_integer():
+                fractional.append(v)
+        if fractional and text:
+            raise DataError(f"The label column {col!r} mixes numbers ({', '.join(sorted(fractional)[:3])}) with "
+                            f"text ({', '.join(repr(t) for t in sorted(text)[:3])}); clean the column, or set "
+                            f"task: regression once every label is a number.")
+
+    @_delegated
     def prepare_data(self, raw, tokenizer, cfg, main_process_first) -> PreparedData:
-        d = cfg.data
-        first = raw["train"] if "train" in raw else next(iter(raw.values()))
-        columns = list(first.column_names)
-        text_cols = self.text_columns(columns, cfg)
-        label_col = d.label_column_name
+        if self.detects_label_kind:
+            kind = detect_label_kind(raw, cfg)
+            if kind != self.name:
+                from . import get_task
+
+                col = cfg.data.label_column_name
+                holds = "lists of labels" if kind == "multilabel" and is_list_feature(
+                    label_source(raw).features[col]) else "label_delimiter strings" if kind == "multilabel" \
+                    else "fractional numbers"
+                logger.warning("task: classification -- the label column %r holds %s, so this is a %s task "
+                               "(set task: %s to choose it explicitly).", col, holds, kind, kind)
+                self._chosen = get_task(kind)
+                self.name, self.metric_names = self._chosen.name, self._chosen.metric_names
+                return self._chosen.prepare_data(raw, tokenizer, cfg, main_process_first)
+        text_cols = self._check_columns(raw, cfg)
+        raw = self._handle_unlabelled(raw, cfg)
+        labels = self.label_list(raw, cfg)
+        raw = self._strip_unlabelled_test(raw, cfg, labels)
+        to_target = self.label_encoder(raw, cfg, labels)
+        prepared = PreparedData(label_list=labels)
+        self._tokenize(raw, tokenizer, cfg, text_cols, to_target, prepared, main_process_first)
+        return prepared
+
+    def _check_columns(self, raw, cfg) -> tuple[str, ...]:
+        first = label_source(raw)
+        text_cols = self.text_columns(list(first.column_names), cfg)
+        label_col = cfg.data.label_column_name
         for split, ds in raw.items():
-            has_labels = label_col in ds.column_names
-            if not has_labels and split != "test":
+            if label_col not in ds.column_names and split != "test":
                 raise DataError(f"label column {label_col!r} is not in the {split} split; columns: "
                                 f"{', '.join(ds.column_names)}. Set --label_column_name to one of them.")
             missing = [c for c in text_cols if c not in ds.column_names]
             if missing:
                 raise DataError(f"text column {missing[0]!r} is missing from the {split} split.")
-        labels = self.label_list(raw, cfg)
-        label_to_id = {lab: i for i, lab in enumerate(labels)}
-        if hasattr(first.features.get(label_col), "names"):  # a ClassLabel column already holds the ids
-            label_to_id.update({i: i for i in range(len(labels))})
-        self._check_label_range(raw, label_col, label_to_id, labels)
+        return text_cols
 
+    @staticmethod
+    def _is_unlabelled(value, classlabel: bool) -> bool:
+        # -1 is datasets' "no label" in a ClassLabel column; in a plain integer column it is a label like any.
+        return is_missing(value) or (classlabel and not isinstance(value, list) and value == -1)
+
+    def _handle_unlabelled(self, raw, cfg):
+        """Train/validation rows without a label: an error naming them, or dropped with a logged count."""
+        col = cfg.data.label_column_name
+        drop = cfg.data.drop_unlabelled_rows
+        for split in ("train", "validation"):
+            if split not in raw or col not in raw[split].column_names:
+                continue
+            ds = raw[split]
+            classlabel = hasattr(ds.features[col], "names")
+            rows = [i for i, v in enumerate(ds[col]) if self._is_unlabelled(v, classlabel)]
+            if not rows:
+                continue
+            if not drop:
+                hint = " (a multi-label row with no labels is an empty list [] in JSON/JSONL)" \
+                    if self.name == "multilabel" else ""
+                raise DataError(f"The {split} split has {len(rows)} of {len(ds)} rows with no {col!r} label "
+                                f"({row_names(ds, rows)}){hint}; fill them in, or set drop_unlabelled_rows: true "
+                                f"to drop them.")
+            keep = sorted(set(range(len(ds))) - set(rows))
+            if not keep:
+                raise DataError(f"Every row of the {split} split has no {col!r} label; check label_column_name.")
+            logger.warning("Dropped %d of %d %s rows with no %r label (drop_unlabelled_rows).",
+                           len(rows), len(ds), split, col)
+            raw[split] = ds.select(keep)
+        return raw
+
+    def _test_unlabelled(self, value, classlabel: bool, labels) -> bool:
+        # GLUE-style test files written as plain integers carry -1 where the label is hidden.
+        return self._is_unlabelled(value, classlabel) or (
+            value == -1 and not isinstance(value, list) and labels is not None and -1 not in labels)
+
+    def _strip_unlabelled_test(self, raw, cfg, labels):
+        """A test split with unlabelled rows is predicted without test metrics (GLUE's test sets)."""
+        col = cfg.data.label_column_name
+        if "test" not in raw or col not in raw["test"].column_names:
+            return raw
+        ds = raw["test"]
+        classlabel = hasattr(ds.features[col], "names")
+        unlabelled = sum(1 for v in ds[col] if self._test_unlabelled(v, classlabel, labels))
+        if unlabelled:
+            if unlabelled < len(ds):
+                logger.warning("%d of %d test rows have no label: the test split is predicted without test "
+                               "metrics.", unlabelled, len(ds))
+            raw["test"] = ds.remove_columns(col)
+        return raw
+
+    def label_encoder(self, raw, cfg, labels) -> Callable:
+        """value -> class id; every labelled split is checked first, so encoding cannot fail halfway."""
+        col = cfg.data.label_column_name
+        label_to_id = {lab: i for i, lab in enumerate(labels)}
+        if hasattr(label_source(raw).features.get(col), "names"):  # a ClassLabel column already holds the ids
+            label_to_id.update({i: i for i in range(len(labels))})
+        self._check_label_range(raw, col, label_to_id, labels)
+        return functools.partial(_class_id, label_to_id=label_to_id)
+
+    @staticmethod
+    def _check_label_range(raw, col, label_to_id, labels):
+        for split, ds in raw.items():
+            if col not in ds.column_names:
+                continue
+            bad = sorted({v for v in ds.unique(col) if not is_missing(v)
+                          and v not in label_to_id and str(v) not in label_to_id}, key=str)
+            if bad:
+                raise DataError(
+                    f"The {split} split has labels {bad[:5]} that are not among the {len(labels)} training labels "
+                    f"{labels[:10]}; fix the data or train on a split that contains every label."
+                )
+
+    @staticmethod
+    def _tokenize(raw, tokenizer, cfg, text_cols, to_target, prepared: PreparedData, main_process_first):
+        d = cfg.data
+        label_col = d.label_column_name
         max_len = min(d.max_seq_length or 128, tokenizer.model_max_length)
 
         def encode(batch):
             texts = [batch[c] for c in text_cols]
             out = tokenizer(*texts, truncation=True, max_length=max_len)
             if label_col in batch:
-                out["labels"] = [self._to_id(v, label_to_id) for v in batch[label_col]]
+                out["labels"] = [to_target(v) for v in batch[label_col]]
             return out
 
-        prepared = PreparedData(label_list=labels)
         with main_process_first():
             for split, ds in raw.items():
                 tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names,
@@ -94,43 +327,27 @@ class ClassificationTask(Task):
         if "test" in raw:
             id_col = next((c for c in _ID_COLUMNS if c in raw["test"].column_names), None)
             prepared.test_ids = list(raw["test"][id_col]) if id_col else list(range(len(raw["test"])))
-            if prepared.test is not None and "labels" in prepared.test.column_names:
-                # Unlabelled test rows (GLUE uses -1) cannot count towards test metrics.
-                if any(v == -100 for v in prepared.test["labels"]):
-                    prepared.test = prepared.test.remove_columns("labels")
-        return prepared
-
-    @staticmethod
-    def _to_id(value, label_to_id):
-        if value is None or value == -1:
-            return -100  # unlabelled (e.g. GLUE test): ignored by the loss
-        key = value if value in label_to_id else str(value)
-        return label_to_id[key]
-
-    @staticmethod
-    def _check_label_range(raw, col, label_to_id, labels):
-        for split, ds in raw.items():
-            if col not in ds.column_names:
-                continue
-            bad = sorted({v for v in ds.unique(col) if v is not None and v != -1
-                          and v not in label_to_id and str(v) not in label_to_id}, key=str)
-            if bad:
-                raise DataError(
-                    f"The {split} split has labels {bad[:5]} that are not among the {len(labels)} training labels "
-                    f"{labels[:10]}; fix the data or train on a split that contains every label."
-                )
 
     # ------------------------------------------------------------------ model
+    @_delegated
+    def model_config_kwargs(self, prepared: PreparedData) -> dict:
+        """num_labels, label maps and problem_type for the head (saved in the exported config.json)."""
+        labels = [str(x) for x in prepared.label_list]
+        kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                  "label2id": {lab: i for i, lab in enumerate(labels)}}
+        if self.problem_type:
+            kwargs["problem_type"] = self.problem_type
+        return kwargs
+
+    @_delegated
     def build_model(self, cfg, prepared: PreparedData, tokenizer):
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         from ..assets import model_path
 
         m = cfg.model
-        labels = [str(x) for x in prepared.label_list]
         config = AutoConfig.from_pretrained(
-            model_path(m.config_name or m.model_name_or_path), num_labels=len(labels),
-            id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
+            model_path(m.config_name or m.model_name_or_path), **self.model_config_kwargs(prepared),
             cache_dir=m.cache_dir, revision=m.model_revision, trust_remote_code=m.trust_remote_code,
         )
         return AutoModelForSequenceClassification.from_pretrained(
@@ -138,18 +355,30 @@ class ClassificationTask(Task):
             trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
         )
 
+    @_delegated
+    def loss(self, cfg) -> ItemLoss:
+        return CrossEntropy()
+
+    @_delegated
     def collator(self, tokenizer, cfg, for_training: bool):
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
 
     # ------------------------------------------------------------------ outputs
+    @_delegated
     def preprocess_logits(self, logits, labels):
         return logits.float()
 
+    @_delegated
     def compute_metrics(self, predictions: np.ndarray, label_ids: np.ndarray) -> dict:
         return classification_metrics(predictions, label_ids)
 
+    @_delegated
+    def metrics_from_loss(self, eval_loss: float) -> dict:
+        return {}
+
+    @_delegated
     def baseline(self, dataset):
         labels = [y for y in dataset["labels"] if y != -100] if dataset is not None else []
         if not labels:
@@ -157,8 +386,17 @@ class ClassificationTask(Task):
         majority = max(set(labels), key=labels.count)
         return f"majority class accuracy {labels.count(majority) / len(labels):.4g}"
 
+    @_delegated
     def write_predictions(self, path, predictions: np.ndarray, prepared: PreparedData, model_config) -> None:
         write_prediction_file(path, predictions, prepared.test_ids, model_config.id2label)
+
+
+def _class_id(value, label_to_id):
+    # Module level (not a closure over the task) so the `datasets` cache fingerprint depends on the labels only.
+    if is_missing(value):
+        return -100  # only reachable in a test split, whose labels are dropped when any row lacks one
+    key = value if value in label_to_id else str(value)
+    return label_to_id[key]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -186,15 +424,25 @@ def classification_metrics(logits: np.ndarray, label_ids: np.ndarray) -> dict:
     }
 
 
-def write_prediction_file(path, logits: np.ndarray, ids, id2label: dict) -> None:
-    """CSV: id, predicted label, and one probability column per label (as the tutorial's predict step)."""
-    probs = softmax(logits.astype(np.float64))
-    names = [id2label[i] if i in id2label else id2label[str(i)] for i in range(probs.shape[1])]
+def atomic_csv(path, header: list, rows) -> None:
+    """Write a CSV through a temporary file, so a crash never leaves half a prediction file."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "prediction"] + [f"prob_{n}" for n in names])
-        for i, row in zip(ids, probs):
-            w.writerow([i, names[int(row.argmax())]] + [f"{p:.6f}" for p in row])
+        w.writerow(header)
+        w.writerows(rows)
     tmp.replace(path)
+
+
+def label_names(id2label: dict, n: int) -> list[str]:
+    # id2label keys are ints in memory and strings after a config.json round trip.
+    return [id2label[i] if i in id2label else id2label[str(i)] for i in range(n)]
+
+
+def write_prediction_file(path, logits: np.ndarray, ids, id2label: dict) -> None:
+    """CSV: id, predicted label, and one probability column per label (as the tutorial's predict step)."""
+    probs = softmax(logits.astype(np.float64))
+    names = label_names(id2label, probs.shape[1])
+    atomic_csv(path, ["id", "prediction"] + [f"prob_{n}" for n in names],
+               ([i, names[int(row.argmax())]] + [f"{p:.6f}" for p in row] for i, row in zip(ids, probs)))

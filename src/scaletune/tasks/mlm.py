@@ -229,7 +229,6 @@ class MaskedLMTask(Task):
     """Masked-LM fine-tuning (`task: mlm`); metrics: eval_loss, perplexity, masked-token accuracy."""
 
     name = "mlm"
-    default_metric_for_best_model = "loss"
     metric_names = ("loss", "perplexity", "accuracy")
 
     # ----------------------------------------------------------------- data

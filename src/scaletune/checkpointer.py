@@ -1,0 +1,261 @@
+"""The checkpoint lifecycle, owned in one place.
+
+Before anything expensive (`preflight`, no torch): lock the output dir for this run, resolve
+`resume_from_checkpoint` (verifying `latest` and falling back past a damaged one, never silently) and refuse
+to clobber another run. Before the model loads: compare the checkpoint's training config with this one.
+During training (`Checkpointer`): save + rotate (the best checkpoint is a step, never deleted), load.
+At the end: reload the best weights, the final rotation, export, and the final `trainer_state.json`.
+
+The disk format of one checkpoint (atomic write, manifest, load, ZeRO-3 details) is `checkpoint.py`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Optional
+
+import yaml
+
+from . import checkpoint, schedule
+from .errors import CheckpointError
+from .state import STATE_FILE, TrainingState, checkpoint_name
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from .config import TrainingArguments
+
+LOCK_FILE = ".scaletune.lock"
+
+# Keys that change what the saved data position, RNG and optimizer state mean: resuming with another value
+# would not continue the same run (§16). Everything else may change on resume and is reported.
+RESUME_BREAKING_KEYS = (
+    "model_name_or_path", "config_name", "tokenizer_name", "task", "dataset_name", "dataset_config_name",
+    "train_file", "validation_split_percentage", "max_train_samples", "text_column_names", "label_column_name",
+    "text_column_name", "max_seq_length", "line_by_line", "mlm_probability", "seed", "data_seed",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "dataloader_drop_last",
+)
+# Keys that never say anything about the run itself.
+_IGNORED_ON_RESUME = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir")
+
+
+def _say(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: rank from the launcher's env
+        print(f"scaletune: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- preflight (no torch)
+
+
+def preflight(args: TrainingArguments, env: Mapping[str, str] = os.environ) -> Optional[Path]:
+    """Checks and claims the output dir before any model or data is loaded. Returns the checkpoint to resume."""
+    root = Path(args.output_dir)
+    check_writable(root)
+    if env.get("RANK", "0") == "0":
+        acquire_lock(root, env)
+    resume = resolve_resume(root, args.resume_from_checkpoint)
+    existing = checkpoint.list_checkpoints(root)
+    if existing and resume is None and not args.overwrite_output_dir:
+        names = ", ".join(p.name for p in existing.values())
+        raise CheckpointError(
+            f"output_dir {str(root)!r} already holds checkpoints ({names}). Pass --resume_from_checkpoint latest "
+            f"to continue that run, --overwrite_output_dir true to start over, or choose another --output_dir.")
+    return resume
+
+
+def check_writable(root: Path) -> None:
+    probe = root / f".write-test-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+    except OSError as e:
+        raise CheckpointError(f"output_dir {str(root)!r} is not writable ({e.strerror}); free space or choose "
+                              f"another --output_dir.") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)  # also after a full disk: no leftover probe file
+        except OSError:
+            pass
+
+
+def resolve_resume(root: Path, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+    """`latest`/`true` -> the newest complete, intact checkpoint (§15), else None (a fresh start, said aloud);
+    a damaged newest one is reported and skipped. An explicit path must be complete and intact."""
+    if resume_from_checkpoint in (None, "", "false", "False"):
+        return None
+    if str(resume_from_checkpoint).lower() in ("latest", "true"):
+        for step, path in reversed(checkpoint.list_checkpoints(root).items()):
+            problem = checkpoint.verify(path)
+            if problem is None:
+                return path
+            _say(f"checkpoint-{step} is damaged ({problem}); falling back to the previous checkpoint.")
+        _say(f"no complete checkpoint in {str(root)!r}; starting fresh (resume_from_checkpoint=latest).")
+        return None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from_checkpoint {str(path)!r} does not exist; use a checkpoint-N folder "
+                              f"or 'latest'.")
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{str(path)!r} is not a complete checkpoint (no {STATE_FILE}): it may be an "
+                              f"interrupted save. Resume from another checkpoint or 'latest'.")
+    problem = checkpoint.verify(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {problem}. Resume from another checkpoint.")
+    return path
+
+
+def config_differences(saved: Mapping, current: Mapping) -> tuple[list[str], list[str]]:
+    """Pure: (keys whose change breaks an exact resume, keys that may change), each as 'key: old -> new'."""
+    breaking, allowed = [], []
+    for key in sorted(set(saved) | set(current)):
+        if key in _IGNORED_ON_RESUME or saved.get(key) == current.get(key):
+            continue
+        line = f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        (breaking if key in RESUME_BREAKING_KEYS else allowed).append(line)
+    return breaking, allowed
+
+
+def check_resume_compatible(path: Path, config: Mapping, world_size: int) -> None:
+    """Before the model loads (after the data is read, so a data error is reported as such): the checkpoint
+    continues exactly only with the same process count and the same data-defining settings (§16)."""
+    state = checkpoint.read_trainer_state(path)
+    if state.world_size != world_size:
+        raise CheckpointError(
+            f"{path.name} was written by {state.world_size} process(es) and this run has {world_size}: the data "
+            f"position is per process, so resume with {state.world_size} process(es) (resuming on another process "
+            f"count is not supported yet).")
+    saved_file = path / checkpoint.CONFIG_FILE
+    if not saved_file.is_file():
+        return  # written by v0.1, which stored no config in checkpoints
+    breaking, allowed = config_differences(yaml.safe_load(saved_file.read_text()) or {}, config)
+    if breaking:
+        raise CheckpointError(f"Cannot resume {path.name} exactly: " + "; ".join(breaking) + ". Use the "
+                              f"checkpoint's values (its config.yaml), or start a new run in another output_dir.")
+    if allowed:
+        _say(f"resuming {path.name} with changed settings: " + "; ".join(allowed) + ".")
+
+
+# --------------------------------------------------------------------------- one run per output dir
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(root: Path, env: Mapping[str, str] = os.environ) -> None:
+    """Claim `root` for this run (main process). A lock of a dead process on this host, or of an earlier
+    attempt of the same Slurm job (a requeue or a restart), is stale and taken over."""
+    lock = root / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": env.get("SLURM_JOB_ID"),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                owner = {}
+            same_job = owner.get("slurm_job_id") and owner.get("slurm_job_id") == me["slurm_job_id"]
+            dead = owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", 0)))
+            if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+                return  # this process holds it already (run() called again after a failure)
+            if not (same_job or dead or not owner):
+                raise CheckpointError(
+                    f"output_dir {str(root)!r} is in use by another run (pid {owner.get('pid')} on "
+                    f"{owner.get('host')}, since {owner.get('started')}): wait for it, choose another "
+                    f"--output_dir, or delete {str(lock)!r} if that run is gone.") from None
+            lock.unlink(missing_ok=True)  # stale: its owner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return
+    raise CheckpointError(f"Could not lock {str(lock)!r}: another run keeps claiming it.")
+
+
+def release_lock(root: Path) -> None:
+    lock = Path(root) / LOCK_FILE
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+# --------------------------------------------------------------------------- during and after training
+
+
+class Checkpointer:
+    """Saves, rotates, loads and reloads the best checkpoint of one run. Collective methods: every rank calls."""
+
+    def __init__(self, accelerator: Accelerator, args: TrainingArguments, model: torch.nn.Module,
+                 tokenizer: Optional[PreTrainedTokenizerBase], config_yaml: str):
+        self.accelerator = accelerator
+        self.args = args
+        self.root = Path(args.output_dir)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config_yaml = config_yaml
+
+    def start_fresh(self) -> None:
+        """overwrite_output_dir: the earlier run's checkpoints go before this run's first save, so a later
+        `resume_from_checkpoint latest` can never resume the old run. Done once everything is built, so a
+        bad config or data file costs nothing already written."""
+        if self.accelerator.is_main_process:
+            for path in checkpoint.list_checkpoints(self.root).values():
+                checkpoint.remove_folder(path)
+        self.accelerator.wait_for_everyone()
+
+    def save(self, state: TrainingState) -> None:
+        step = state.global_step
+        if state.best_global_step == step:
+            state.best_checkpoint_step = step
+        state.world_size = self.accelerator.num_processes
+        checkpoint.save_checkpoint(self.accelerator, checkpoint.checkpoint_path(self.root, step), state,
+                                   self.model, self.tokenizer, self.config_yaml)
+        steps = list(checkpoint.list_checkpoints(self.root))
+        checkpoint.delete_checkpoints(self.accelerator, self.root, schedule.checkpoints_to_delete(
+            steps, self.args.save_total_limit, state.best_checkpoint_step, step))
+        self.accelerator.wait_for_everyone()
+
+    def load(self, path: Path) -> TrainingState:
+        return checkpoint.load_checkpoint(self.accelerator, path)
+
+    def latest_name(self) -> Optional[str]:
+        steps = checkpoint.list_checkpoints(self.root)
+        return checkpoint_name(max(steps)) if steps else None
+
+    def best_path(self, state: TrainingState) -> Optional[Path]:
+        name = checkpoint_name(state.best_checkpoint_step)
+        return None if name is None else self.root / name
+
+    def reload_best(self, state: TrainingState) -> None:
+        """load_best_model_at_end: the best weights (not optimizer state), then the final rotation (§11)."""
+        best = self.best_path(state)
+        if not self.args.load_best_model_at_end or best is None:
+            return
+        self.accelerator.print(f"Loading best model from {best} (score: {state.best_metric}).")
+        checkpoint.load_model_weights(self.accelerator, self.model, best)
+        steps = list(checkpoint.list_checkpoints(self.root))
+        checkpoint.delete_checkpoints(self.accelerator, self.root, schedule.final_checkpoints_to_delete(
+            steps, self.args.save_total_limit, state.best_checkpoint_step))
+
+    def export(self) -> None:
+        checkpoint.export_model(self.accelerator, self.model, self.tokenizer, self.root)
+
+    def write_final_state(self, state: TrainingState) -> None:
+        if self.accelerator.is_main_process:
+            checkpoint.write_trainer_state(self.root, state)
