@@ -1,118 +1,178 @@
-"""Training step time: scaletune vs transformers.Trainer on the same job, measured in the same run.
+"""Time per optimizer update: a bare Accelerate loop (the floor), transformers.Trainer, and scaletune.
 
-    python benchmarks/step_time_vs_trainer.py [--steps 40] [--batch 16] [--seq 64] [--repeats 2]
+    python benchmarks/step_time_vs_trainer.py [--steps 40] [--batch 16] [--seq 128] [--repeats 3] [--bf16]
+    python benchmarks/step_time_vs_trainer.py --tiny          # seconds: a 2-layer BERT, CI's smoke run
 
-Same model (the packaged pretrained MiniLM), same data (packaged Rotten Tomatoes), same batch size,
-sequence length, optimizer, schedule and precision (fp32 here; the device decides). Each side runs in its
-own process, alternating, `--repeats` times; the first `--warmup` steps are excluded. Evaluation, saving
-and start-up are off on both sides. Both sides are timed the same way: torch's global optimizer-step hook
-records the wall clock after every `optimizer.step()`, and a step's time is the gap between two of them
-(data loading, forward, backward, clipping, update and the loop's own bookkeeping all included).
+Same model (the packaged pretrained MiniLM-L6), same data (packaged Rotten Tomatoes, tokenized once by
+scaletune's classification task), same batches (accelerate's seeded sampler, same seed: checked below from
+each side's collated token counts), same optimizer (fused AdamW, Trainer's parameter groups), schedule,
+clipping (1.0) and precision. Evaluation, saving and start-up are off or untimed on every side.
 
-Prints the median step time of each side and their ratio (scaletune / Trainer: < 1 means faster).
+* bare: `model(**batch).loss`, `accelerator.backward`, `clip_grad_norm_`, `optimizer.step`, `scheduler.step`,
+  `zero_grad` -- what any loop must do; nothing else;
+* trainer: `transformers.Trainer(...).train()`;
+* scaletune: `scaletune.train.run(...)`.
+
+Each side runs in its own process, alternating (bare, trainer, scaletune, bare, ...) `--repeats` times, timed
+by the one clock of benchmarks/common.py; the first `--warmup` updates of each process are dropped. Prints
+median ms/update, samples/s and (non-padding) tokens/s per side and the two ratios scaletune/Trainer and
+scaletune/bare (< 1: scaletune is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import alternate, collated_tokens, gaps, machine, median, other_load, step_clock, tiny_bert
+
+SIDES = ("bare", "trainer", "scaletune")
 
 
-def common(args, out):
-    return dict(model_name_or_path="packaged:minilm", dataset_name="packaged:rotten_tomatoes",
-                max_seq_length=args.seq, max_train_samples=args.steps * args.batch, output_dir=out,
-                per_device_train_batch_size=args.batch, learning_rate=5e-5, max_steps=args.steps,
-                save_strategy="no", eval_strategy="no", do_eval=False, do_predict=False, logging_steps=1,
-                disable_tqdm=True, report_to="none", seed=0)
+def job(args, out: str) -> dict:
+    return dict(model_name_or_path=args.model, dataset_name="packaged:rotten_tomatoes", max_seq_length=args.seq,
+                max_train_samples=args.steps * args.batch, output_dir=out, per_device_train_batch_size=args.batch,
+                learning_rate=5e-5, max_steps=args.steps, save_strategy="no", eval_strategy="no", do_eval=False,
+                do_predict=False, logging_steps=10, disable_tqdm=True, report_to="none", seed=0, bf16=args.bf16,
+                validation_split_percentage=0, max_eval_samples=8, max_predict_samples=8)
 
 
-def step_clock() -> list[float]:
-    """Wall-clock time after every optimizer step of any optimizer in this process."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    stamps: list[float] = []
-    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
-    return stamps
-
-
-def gaps(stamps: list[float]) -> list[float]:
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
-def run_scaletune(args) -> list[float]:
-    from scaletune.train import run
-
-    stamps = step_clock()
-    with tempfile.TemporaryDirectory() as out:
-        run({**common(args, out), "logging_steps": 10})  # Trainer's default cadence is coarser still
-    return gaps(stamps)
-
-
-def run_trainer(args) -> list[float]:
-    import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainingArguments)
+def prepared_data(args, out: str):
+    """The tokenized training split, exactly as the scaletune side gets it."""
+    from transformers import AutoTokenizer
 
     from scaletune.assets import model_path
     from scaletune.config import load_config
     from scaletune.data import load_raw_datasets
     from scaletune.tasks import get_task
 
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(common(args, out))
-        task = get_task("classification")
-        tok = AutoTokenizer.from_pretrained(model_path("packaged:minilm"))
-        prepared = task.prepare_data(load_raw_datasets(cfg), tok, cfg, _nullcontext)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path("packaged:minilm"), num_labels=2)
-        stamps = step_clock()
-        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
-                                  learning_rate=5e-5, save_strategy="no", eval_strategy="no", logging_steps=10,
-                                  report_to="none", disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available())
-        Trainer(model=model, args=targs, train_dataset=prepared.train,
-                data_collator=DataCollatorWithPadding(tok)).train()
+    cfg = load_config(job(args, out))
+    tok = AutoTokenizer.from_pretrained(model_path(args.model))
+    prepared = get_task("classification").prepare_data(load_raw_datasets(cfg), tok, cfg, contextlib.nullcontext)
+    return cfg, tok, prepared
+
+
+def run_scaletune(args, out: str) -> list[float]:
+    from scaletune.train import run
+
+    with step_clock() as stamps:
+        run(job(args, out))
     return gaps(stamps)
 
 
-def _nullcontext():
-    import contextlib
+def run_trainer(args, out: str) -> list[float]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
-    return contextlib.nullcontext()
+    from scaletune.assets import model_path
+
+    _, tok, prepared = prepared_data(args, out)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path(args.model), num_labels=2)
+    targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
+                              learning_rate=5e-5, save_strategy="no", eval_strategy="no", logging_steps=10,
+                              report_to="none", disable_tqdm=True, seed=0, bf16=args.bf16,
+                              use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=targs, train_dataset=prepared.train, data_collator=DataCollatorWithPadding(tok))
+    with step_clock() as stamps:
+        trainer.train()
+    return gaps(stamps)
+
+
+def run_bare(args, out: str) -> list[float]:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, get_scheduler
+
+    from scaletune.assets import model_path
+    from scaletune.optim import build_optimizer
+
+    cfg, tok, prepared = prepared_data(args, out)
+    acc = Accelerator(mixed_precision="bf16" if args.bf16 else None,
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
+    set_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path(args.model), num_labels=2)
+    optimizer = build_optimizer(model, cfg.training)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=args.steps)
+    loader = DataLoader(prepared.train, batch_size=args.batch, shuffle=True, collate_fn=DataCollatorWithPadding(tok))
+    model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+    model.train()
+    with step_clock() as stamps:
+        done = 0
+        while done < args.steps:
+            for batch in loader:
+                loss = model(**batch).loss
+                acc.backward(loss)
+                acc.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done += 1
+                if done == args.steps:
+                    break
+    return gaps(stamps)
+
+
+def one_side(args, name: str) -> dict:
+    from transformers import DataCollatorWithPadding
+
+    with collated_tokens(DataCollatorWithPadding) as batches, tempfile.TemporaryDirectory() as out:
+        times = {"bare": run_bare, "trainer": run_trainer, "scaletune": run_scaletune}[name](args, out)
+    # Loops fetch one batch ahead (accelerate) or not: the first `steps` batches are the ones trained on.
+    return {"times": times, "batches": batches[:args.steps]}
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--side", choices=["scaletune", "trainer"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--model", default="packaged:minilm")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 8 steps, 1 repeat: a smoke run")
+    p.add_argument("--side", choices=SIDES)
     args = p.parse_args()
-    if args.side:  # child process: one side, step times as JSON on the last line
-        times = run_scaletune(args) if args.side == "scaletune" else run_trainer(args)
-        print(json.dumps(times))
+    if args.side:
+        print(json.dumps(one_side(args, args.side)))
         return
-    results: dict[str, list[float]] = {"scaletune": [], "trainer": []}
-    for _ in range(args.repeats):
-        for side in ("trainer", "scaletune"):
-            cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq", str(args.seq)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[side] += json.loads(proc.stdout.strip().splitlines()[-1])[args.warmup:]
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"device: {device}; MiniLM-L6, batch {args.batch}, seq <= {args.seq}, {args.steps} steps x {args.repeats}")
-    for side, m in med.items():
-        print(f"  {side:10s} median step time {m * 1000:8.1f} ms  ({len(results[side])} steps)")
-    print(f"  ratio scaletune/trainer: {med['scaletune'] / med['trainer']:.3f}")
+    if args.tiny:
+        args.model = tiny_bert(Path(tempfile.gettempdir()) / "scaletune_bench_tiny_bert")
+        args.steps, args.batch, args.seq, args.warmup, args.repeats = 8, 8, 64, 2, 1
+    load_before = other_load()
+    results = alternate(__file__, list(SIDES), args.repeats,
+                        ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+                         "--model", args.model] + (["--bf16"] if args.bf16 else []),
+                        in_process=(lambda name: one_side(args, name)) if args.tiny else None)
+    same = all(r["batches"] == results["bare"][0]["batches"] for runs in results.values() for r in runs)
+    print(f"machine: {machine()}")
+    print(f"load before: {load_before}")
+    print(f"load after:  {other_load()}")
+    print(f"job: {args.model}, Rotten Tomatoes, batch {args.batch}, seq <= {args.seq}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} updates x {args.repeats} repeats per side, "
+          f"first {args.warmup} of each process dropped; same batches on every side: {same}")
+    med = {}
+    for side, runs in results.items():
+        times, samples, tokens = [], [], []
+        for r in runs:
+            for t, rows in zip(r["times"][args.warmup:], r["batches"][args.warmup + 1:]):
+                times.append(t)  # gap i ends with update i+1, which trained on batch i+1
+                samples.append(len(rows) / t)
+                tokens.append(sum(rows) / t)
+        med[side] = median(times)
+        per_repeat = ", ".join(f"{median(r['times'][args.warmup:]) * 1000:.1f}" for r in runs)
+        print(f"  {side:10s} {med[side] * 1000:8.1f} ms/update  {median(samples):8.1f} samples/s  "
+              f"{median(tokens):9.0f} tokens/s  ({len(times)} updates; per-repeat medians {per_repeat} ms)")
+    print(f"ratio scaletune/trainer: {med['scaletune'] / med['trainer']:.3f}")
+    print(f"ratio scaletune/bare: {med['scaletune'] / med['bare']:.3f}")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,14 @@ def sentiment_files(tmp_path_factory) -> dict:
         "validation_file": str(write_sentiment_csv(d / "validation.csv", 37, seed=2)),
         "test_file": str(write_sentiment_csv(d / "test.csv", 21, seed=3)),
     }
+
+
+@pytest.fixture
+def accelerator():
+    """A one-process CPU Accelerator, reset afterwards so that no singleton state leaks into other tests."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    acc = Accelerator(cpu=True)
+    yield acc
+    AcceleratorState._reset_state(reset_partial_state=True)

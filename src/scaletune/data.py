@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from . import assets
 from .errors import DataError
@@ -22,8 +23,6 @@ _BUILDERS = {
     ".parquet": ("parquet", {}),
     ".txt": ("text", {}),
 }
-
-
 
 
 def _builder_for(path: str):
@@ -155,18 +154,95 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def sequence_lengths(dataset, column: str = "input_ids"):
+    """Token count of every row (numpy int64), read from the Arrow column without decoding the rows."""
+    import numpy as np
+
+    if hasattr(dataset, "with_format") and column in getattr(dataset, "column_names", ()):
+        import pyarrow.compute as pc
+
+        # with_format("arrow") honours a select()/shuffle() indices mapping; list_value_length is vectorised.
+        return pc.list_value_length(dataset.with_format("arrow")[column]).to_numpy(zero_copy_only=False).astype(
+            np.int64)
+    return np.asarray([len(row[column]) for row in dataset], dtype=np.int64)
+
+
+def length_grouped_indices(lengths, batch_size: int, seed: int, epoch: int,
+                           mega_batch_mult: Optional[int] = None) -> list[int]:
+    """One epoch's order: shuffled, cut into mega-batches, each sorted by length (longest first), and the
+    longest sample moved to the very first position. A pure function of its arguments.
+
+    Same recipe as transformers' `get_length_grouped_indices` (so the batches are as homogeneous as
+    Trainer's), but the shuffle is drawn from (seed, epoch) instead of torch's global RNG: a resumed run
+    replays the epoch's order exactly and every rank computes the same order without communicating.
+    The longest sample first makes an out-of-memory batch fail in the first step, not hours in.
+    """
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    if n == 0:
+        return []
+    if mega_batch_mult is None:
+        # Trainer's default: 50 batches, or fewer so that there are at least 4 mega-batches to shuffle.
+        mega_batch_mult = max(1, min(n // (batch_size * 4), 50))
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    size = mega_batch_mult * batch_size
+    megas = []
+    for start in range(0, n, size):
+        chunk = order[start:start + size]
+        # Stable on ties: the shuffled order decides among equal lengths, so ties are not biased by index.
+        megas.append(chunk[np.argsort(-lengths[chunk], kind="stable")])
+    longest = int(np.argmax([lengths[m[0]] for m in megas]))
+    megas[0][0], megas[longest][0] = megas[longest][0], megas[0][0]
+    return np.concatenate(megas).tolist()
+
+
+class LengthGroupedSampler:
+    """`train_sampling_strategy: group_by_length`: batches of similar length, in an order that is a pure
+    function of (data seed, epoch).
+
+    The loop calls `set_epoch` on the prepared dataloader each epoch, which accelerate forwards here; a
+    mid-epoch resume skips whole batches at the batch-sampler level (`skip_first_batches`), so it sees the
+    same order. Under DDP accelerate shards the batches of this one order round-robin over the ranks, which
+    is why every rank must compute the identical order.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, mega_batch_mult: Optional[int] = None):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mega_batch_mult = mega_batch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(length_grouped_indices(self.lengths, self.batch_size, self.seed, self.epoch,
+                                           self.mega_batch_mult))
+
+
 def build_dataloader(dataset, collator, batch_size: int, training: bool, args):
     from torch.utils.data import DataLoader
 
-    # Shuffling goes through accelerate's seedable sampler (order = f(data_seed, epoch)), see distributed.py.
-    # No generator of its own: starting an iterator draws a seed from the global RNG, as Trainer's loaders do,
-    # so the dropout stream matches Trainer's (tests/test_parity_loss.py); loop.epoch_batches keeps that draw
-    # out of a mid-epoch resume.
     is_iterable = not hasattr(dataset, "__len__")
+    sampler = None
+    if training and not is_iterable and args.train_sampling_strategy == "group_by_length":
+        sampler = LengthGroupedSampler(sequence_lengths(dataset), batch_size, args.resolved_data_seed)
+    # Otherwise shuffling goes through accelerate's seedable sampler (order = f(data_seed, epoch)), see
+    # distributed.py. No generator of its own: starting an iterator draws a seed from the global RNG, as
+    # Trainer's loaders do, so the dropout stream matches Trainer's (tests/test_parity_loss.py);
+    # stepper.without_rng_draw keeps that draw out of a mid-epoch resume. The length-grouped sampler draws
+    # nothing from the global RNG, but the iterator start still does, so that stays equal too.
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=training and not is_iterable,
+        shuffle=training and not is_iterable and sampler is None,
+        sampler=sampler,
         collate_fn=collator,
         drop_last=training and args.dataloader_drop_last,
         num_workers=args.dataloader_num_workers,

@@ -1,6 +1,6 @@
-"""Everything that depends on the backend: Accelerator construction, DeepSpeed config, cross-rank agreement.
+"""Everything that depends on the backend: Accelerator construction, DeepSpeed and FSDP2 set-up, cross-rank agreement.
 
-The loop never branches on DDP vs DeepSpeed vs CPU; it asks this module (and `checkpoint.py` for the
+The loop never branches on DDP vs DeepSpeed vs FSDP2 vs CPU; it asks this module (and `checkpoint.py` for the
 backend-specific disk formats).
 
 DeepSpeed is chosen by the Accelerate config (`distributed_type: DEEPSPEED`), which `accelerate launch` turns
@@ -8,18 +8,20 @@ into `ACCELERATE_USE_DEEPSPEED=true` plus the ZeRO settings in the environment. 
 values (batch sizes, accumulation, clipping, precision) are filled from the training config, and an explicit
 value that disagrees is an error naming both values, raised before the model is loaded.
 
-`python -m scaletune.distributed plan ...` is what `./launch` calls to resolve the training config (and fail
-fast on a bad one), the topology and the global batch size: see `plan` and `launch_plan` at the bottom.
+FSDP2 is chosen the same way (`distributed_type: FSDP`, `fsdp_version: 2`: `ACCELERATE_USE_FSDP=true` plus
+`FSDP_*` variables). accelerate 1.15 runs FSDP on GPUs only and silently falls back to DDP on CPU; with the
+switch `SCALETUNE_FSDP_ON_CPU=1` (set by `./launch <fsdp preset> --cpu N`, never on a GPU launch) the
+Accelerator is turned into a real FSDP2 one over gloo (`_fsdp_on_cpu`). Without the switch, FSDP on CPU is an
+error rather than a DDP run that calls itself FSDP.
+
+What `./launch` computes before a launch (topology, global batch size) is `launch_plan.py`'s.
 """
 
 from __future__ import annotations
 
 import copy
-from datetime import timedelta
 import os
-import shutil
-import subprocess
-import sys
+from datetime import timedelta
 from typing import TYPE_CHECKING, Mapping, Optional
 
 from .config import ConfigError
@@ -27,8 +29,8 @@ from .config import ConfigError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-# torch / accelerate are imported inside the functions that need them: `./launch` runs `plan` below before
-# every launch, and it should cost a YAML parse, not a torch import.
+# torch / accelerate are imported inside the functions that need them: preflight checks and `./launch`'s plan
+# use this module and should cost a YAML parse, not a torch import.
 
 # --------------------------------------------------------------------------- pure decisions
 
@@ -36,6 +38,34 @@ if TYPE_CHECKING:
 def deepspeed_requested(env: Mapping[str, str] = os.environ) -> bool:
     """Whether `accelerate launch` was given a DeepSpeed config (it exports ACCELERATE_USE_DEEPSPEED)."""
     return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def fsdp_requested(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether `accelerate launch` was given an FSDP config (it exports ACCELERATE_USE_FSDP)."""
+    return env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+FSDP_ON_CPU_SWITCH = "SCALETUNE_FSDP_ON_CPU"
+
+
+def check_fsdp_launch(env: Mapping[str, str], cuda_available: bool) -> bool:
+    """Whether this FSDP launch needs the CPU workaround; a launch that cannot give real FSDP2 is a ConfigError.
+
+    Pure (the environment and whether a GPU is visible in, a decision out), so it is checked before anything
+    is built: FSDP1 is not supported (its checkpoint and state-dict paths differ), and FSDP on CPU without the
+    switch would silently be DDP.
+    """
+    if not fsdp_requested(env):
+        return False
+    version = env.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(f"The accelerate config asks for FSDP version {version}, but scaletune supports FSDP2 only: "
+                          f"set fsdp_version: 2 in its fsdp_config (see accelerate_configs/fsdp2.yaml).")
+    on_cpu = _as_bool(env.get("ACCELERATE_USE_CPU", "false")) or not cuda_available
+    if on_cpu and env.get(FSDP_ON_CPU_SWITCH) != "1":
+        raise ConfigError(f"FSDP was requested on CPU, where accelerate silently trains DDP instead: launch with "
+                          f"`./launch <fsdp preset> --cpu N`, or set {FSDP_ON_CPU_SWITCH}=1 for real FSDP2 over gloo.")
+    return on_cpu
 
 
 def effective_mixed_precision(training, env: Mapping[str, str] = os.environ) -> str:
@@ -200,7 +230,13 @@ def build_accelerator(cfg) -> Accelerator:
 
     t = cfg.training
     use_deepspeed = deepspeed_requested()
+    fsdp_on_cpu = check_fsdp_launch(os.environ, torch.cuda.is_available())
     plugin = build_deepspeed_plugin(t) if use_deepspeed else None
+    fsdp_plugin = None
+    if fsdp_requested():
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        fsdp_plugin = FullyShardedDataParallelPlugin()  # reads fsdp_config from the launcher's FSDP_* variables
     # CPU multi-process needs gloo (NCCL needs GPUs); DeepSpeed on CPU would otherwise ask for oneCCL.
     gloo = not torch.cuda.is_available() and (_world_size() > 1 or use_deepspeed)
     if gloo and use_deepspeed:
@@ -209,7 +245,7 @@ def build_accelerator(cfg) -> Accelerator:
     # instead of a silent 30-minute wait.
     kwargs_handlers = [InitProcessGroupKwargs(backend="gloo" if gloo else None,
                                               timeout=timedelta(seconds=t.ddp_timeout))]
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # Must equal DeepSpeed's gradient_accumulation_steps; the loop handles the accumulation window itself
         # and compensates the 1/N that accelerate (or DeepSpeed) applies to the loss in backward.
@@ -220,15 +256,44 @@ def build_accelerator(cfg) -> Accelerator:
         # default would step it num_processes times per update.
         step_scheduler_with_optimizer=False,
         deepspeed_plugin=plugin,
+        fsdp_plugin=fsdp_plugin,
         # accelerate compiles in prepare(): torch.compile for DDP, engine.compile under DeepSpeed. None: the
         # Accelerate config's dynamo_config decides.
         dynamo_backend="inductor" if t.torch_compile else None,
         kwargs_handlers=kwargs_handlers,
     )
+    if fsdp_on_cpu:
+        _fsdp_on_cpu(accelerator, fsdp_plugin)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
+    """Make a CPU Accelerator a real FSDP2 one (only behind SCALETUNE_FSDP_ON_CPU=1, i.e. `./launch --cpu`).
+
+    accelerate 1.15 decides the distributed type once, in the shared state, and never picks FSDP on CPU
+    (MULTI_CPU: plain DDP). `fully_shard` itself runs on CPU over gloo, so the decision is overridden where
+    accelerate reads it: PartialState's shared dict (operations, barriers) and AcceleratorState's, which
+    copied it at construction (`prepare`, `save_state`, `get_state_dict`). The plugin is attached as
+    AcceleratorState would on a GPU, with the same mixed-precision policy. Must run before `prepare`.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes < 2:
+        raise ConfigError("FSDP on CPU needs at least 2 processes (it shards over them): use `./launch <fsdp preset> "
+                          "--cpu 2`, or single_gpu --cpu 1 for one process.")
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
 
 
 def configure_model(model, training):
-    """Memory knobs applied to the model before `prepare`. Returns the model."""
+    """Memory knobs applied to the model before `prepare` (and FSDP2's layer choice). Returns the model."""
+    plugin = _active_fsdp_plugin()
+    if plugin is not None and plugin.transformer_cls_names_to_wrap is None:
+        plugin.transformer_cls_names_to_wrap = fsdp_layers_to_wrap(model)
     if training.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"gradient_checkpointing=true, but {type(model).__name__} does not support it.")
@@ -240,6 +305,34 @@ def configure_model(model, training):
     return model
 
 
+def _active_fsdp_plugin():
+    """The FSDP plugin of the Accelerator built for this run, or None (read from accelerate's shared state: the
+    model is configured between `build_accelerator` and `prepare`, without the Accelerator at hand)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state
+    return state.get("fsdp_plugin") if state.get("distributed_type") == DistributedType.FSDP else None
+
+
+def fsdp_layers_to_wrap(model) -> list[str]:
+    """The module classes FSDP2 shards as units (TRANSFORMER_BASED_WRAP): the model's `_no_split_modules`, minus
+    any that holds the input embedding.
+
+    accelerate 1.15 gives the input embedding (with a tied output layer) a unit of its own after the
+    auto-wrap; when a wrapped parent already owns it (BERT and RoBERTa list BertEmbeddings /
+    RobertaEmbeddings in `_no_split_modules`), `fully_shard` fails in `prepare`. An explicit
+    `fsdp_transformer_layer_cls_to_wrap` in the accelerate config is used as is.
+    """
+    names = list(getattr(model, "_no_split_modules", None) or [])
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    path = next((n for n, m in model.named_modules() if m is embedding), None) if embedding is not None else None
+    if path is None:
+        return names
+    holders = {type(m).__name__ for n, m in model.named_modules() if n == "" or path.startswith(n + ".")}
+    return [n for n in names if n not in holders]
+
+
 # --------------------------------------------------------------------------- queries for the loop / checkpoint
 
 
@@ -247,6 +340,11 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    """FSDP2 (`fully_shard`): parameters are DTensor shards, state dicts go through torch.distributed.checkpoint."""
+    return bool(getattr(accelerator, "is_fsdp2", False))
 
 
 def zero_stage(accelerator: Accelerator) -> Optional[int]:
@@ -265,156 +363,3 @@ def all_agree(accelerator: Accelerator, flag: bool) -> bool:
     # Host-device sync point: one scalar all-reduce.
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-def visible_gpus(env: Mapping[str, str] = os.environ) -> int:
-    """GPUs this launch may use, without importing torch: CUDA_VISIBLE_DEVICES if set, else nvidia-smi."""
-    mask = env.get("CUDA_VISIBLE_DEVICES")
-    if mask is not None:
-        ids = [d for d in mask.split(",") if d.strip()]
-        return 0 if not ids or ids[0].strip() == "-1" else len(ids)
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
-class LaunchError(ConfigError):
-    """A launcher option or accelerate config that `./launch` cannot turn into a command."""
-
-
-def _whole(name: str, value) -> Optional[int]:
-    if value is None or value == "":
-        return None
-    if not str(value).isdigit():
-        raise LaunchError(f"{name} must be a whole number, got '{value}'.")
-    return int(value)
-
-
-def launch_plan(opts: Mapping[str, Optional[str]], training, env: Mapping[str, str] = os.environ,
-                gpus: Optional[int] = None) -> dict:
-    """Every value `./launch` needs for its `accelerate launch` command, decided in one place.
-
-    `opts`: the launcher options by name (accelerate_config, repo, cpu, num_processes, mixed_precision,
-    num_machines, machine_rank, main_process_ip, main_process_port; None when not given). Unset topology falls
-    back to SLURM_NNODES / SLURM_NODEID / MASTER_ADDR / MASTER_PORT (empty counts as unset), then to the
-    accelerate config, read with yaml.safe_load. A combination that cannot run is a LaunchError naming the fix.
-    """
-    import yaml
-
-    def first(*values):
-        return next((v for v in values if v is not None and v != ""), None)
-
-    cpu, nproc = _whole("--cpu", opts.get("cpu")), _whole("--num_processes", opts.get("num_processes"))
-    mixed = opts.get("mixed_precision")
-    if mixed is not None and mixed not in ("no", "bf16", "fp16"):
-        raise LaunchError(f"--mixed_precision must be no, bf16 or fp16, got '{mixed}'.")
-    config_file = opts["accelerate_config"]
-    try:
-        with open(config_file) as f:
-            acc = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise LaunchError(f"cannot read the accelerate config {config_file}: {' '.join(str(e).split())}") from None
-    if not isinstance(acc, dict):
-        raise LaunchError(f"the accelerate config {config_file} must be a YAML mapping (distributed_type: ...).")
-    # YAML reads an unquoted NO as false; accelerate means "no distribution" by either spelling.
-    distributed_type = "NO" if acc.get("distributed_type") is False else str(acc.get("distributed_type", ""))
-    if cpu is not None and cpu < 1:
-        raise LaunchError("--cpu needs at least 1 process.")
-    if cpu is not None and nproc is not None and nproc != cpu:
-        raise LaunchError("give either --cpu N or --num_processes N, not both.")
-
-    machines = _whole("--num_machines", first(opts.get("num_machines"), env.get("SLURM_NNODES"),
-                                              acc.get("num_machines"), 1))
-    if machines < 1:
-        raise LaunchError("--num_machines must be at least 1.")
-    multi_machine, rank, ip = machines > 1, 0, None
-    # One machine: port 0 lets accelerate pick a free one, so two launches on a machine do not collide.
-    port = _whole("--main_process_port", first(opts.get("main_process_port"), env.get("MASTER_PORT"),
-                                               acc.get("main_process_port") if multi_machine else 0))
-    if multi_machine:
-        rank = _whole("--machine_rank", first(opts.get("machine_rank"), env.get("SLURM_NODEID"), 0))
-        ip = first(opts.get("main_process_ip"), env.get("MASTER_ADDR"), acc.get("main_process_ip"))
-        if rank >= machines:
-            raise LaunchError(f"--machine_rank {rank} is not below --num_machines {machines}.")
-        if ip is None:
-            raise LaunchError("multi-machine launch needs --main_process_ip (the host of machine_rank 0) or "
-                              "MASTER_ADDR.")
-        if port is None:
-            raise LaunchError("multi-machine launch needs --main_process_port or MASTER_PORT.")
-
-    gpus = visible_gpus(env) if gpus is None else gpus
-    preset = os.path.splitext(os.path.basename(config_file))[0]
-    per_machine = first(cpu, nproc, (1 if distributed_type == "NO" else gpus) if gpus > 0 else None)
-    if per_machine is None:
-        raise LaunchError(f"no GPU is visible. Use --cpu N to run N processes on CPU "
-                          f"(e.g. ./launch {preset} --cpu 2 ...).")
-    if per_machine < 1:
-        raise LaunchError("--num_processes must be at least 1.")
-    if cpu is None and 0 < gpus < per_machine:
-        raise LaunchError(f"--num_processes {per_machine} is more than the {gpus} visible GPU(s).")
-    if distributed_type == "NO" and per_machine > 1:
-        raise LaunchError(f"preset '{preset}' runs one process; use multi_gpu (or a deepspeed_* preset) for "
-                          f"{per_machine} processes.")
-    if distributed_type == "MULTI_GPU" and per_machine == 1 and not multi_machine:
-        raise LaunchError(f"preset '{preset}' needs at least 2 processes (found 1); use single_gpu for one process.")
-
-    # A relative DeepSpeed JSON path: from the working directory, else from the repository (the presets' own
-    # JSON). Made absolute, so ./launch works from any directory.
-    ds_file = (acc.get("deepspeed_config") or {}).get("deepspeed_config_file") or "none"
-    if ds_file != "none":
-        found = next((p for p in (ds_file, os.path.join(opts.get("repo") or ".", ds_file)) if os.path.isfile(p)), None)
-        if found is None:
-            raise LaunchError(f"the DeepSpeed config file '{ds_file}' named in {config_file} does not exist.")
-    total = per_machine * machines
-    return {
-        "DISTRIBUTED_TYPE": distributed_type, "VISIBLE_GPUS": gpus, "PROCESSES_PER_MACHINE": per_machine,
-        "NUM_MACHINES": machines, "NUM_PROCESSES": total, "MULTI_MACHINE": int(multi_machine),
-        "MACHINE_RANK": rank, "MAIN_PROCESS_IP": ip or "", "MAIN_PROCESS_PORT": port,
-        # accelerate's CPU mode (gloo); not under DeepSpeed, which it would silently drop (scaletune runs
-        # DeepSpeed on CPU over gloo by itself).
-        "USE_CPU": int(cpu is not None and distributed_type != "DEEPSPEED"), "MIXED_PRECISION": mixed or "",
-        "DEEPSPEED_CONFIG_FILE": os.path.abspath(found) if ds_file != "none" else "",
-        "PER_DEVICE": training.per_device_train_batch_size, "ACCUMULATION": training.gradient_accumulation_steps,
-        "GLOBAL_BATCH_SIZE": training.global_batch_size(total),
-    }
-
-
-def plan(argv: list[str]) -> int:
-    """`plan --accelerate_config FILE [--repo DIR] [launcher options] -- [CONFIG] [--key value ...]`: what
-    ./launch runs first. Resolves the training config as `scaletune.train` would and the topology
-    (`launch_plan`), and prints every value the launch command needs as shell assignments (NAME='value').
-    A bad config or an impossible topology is one `error:` line on stderr and exit code 2; no torch import."""
-    import argparse
-    import shlex
-
-    from .config import load_config
-
-    sep = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(prog="python -m scaletune.distributed plan")
-    parser.add_argument("--accelerate_config", required=True)
-    for name in ("repo", "cpu", "num_processes", "mixed_precision", "num_machines", "machine_rank",
-                 "main_process_ip", "main_process_port"):
-        parser.add_argument(f"--{name}")
-    opts = vars(parser.parse_args(argv[:sep]))
-    try:
-        values = launch_plan(opts, load_config(argv[sep + 1:]).training)
-    except LaunchError as e:
-        print(f"launch: error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"scaletune: error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(f"{name}={shlex.quote(str(value))}" for name, value in values.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["plan"]:
-        print("usage: python -m scaletune.distributed plan --accelerate_config FILE [launcher options] -- "
-              "[CONFIG] [--key value ...]", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(plan(sys.argv[2:]))

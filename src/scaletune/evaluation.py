@@ -10,13 +10,13 @@ same reason, from the task's own `ItemLoss` (the seam training uses: no second c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from . import schedule
-from .errors import MetricNotFound
+from .errors import DataError, MetricNotFound
 from .losses import ItemLoss
 from .state import TrainingState
 
@@ -34,21 +34,30 @@ def model_inputs(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def run_inference(model, dataloader, task, loss: ItemLoss, accelerator):
-    """Gathered (predictions, labels or None, loss sum, loss items) over the whole dataset."""
+def run_inference(model, dataloader, preprocess: Callable, loss: ItemLoss, accelerator, to_cpu_every: int = 1):
+    """Gathered (predictions, labels or None, loss sum, loss items) over the whole dataset. Gathered outputs
+    move to the CPU every `to_cpu_every` batches (eval_accumulation_steps), so device memory stays bounded."""
     model.eval()
-    preds, labels_all = [], []
+    preds, labels_all, pending = [], [], []
     loss_sum = 0.0
     items = 0
     has_labels = None
+
+    def to_cpu():
+        for out, labels in pending:
+            preds.append(out.cpu().numpy())
+            if labels is not None:
+                labels_all.append(labels.cpu().numpy())
+        pending.clear()
+
     for batch in dataloader:
         labels = batch.get("labels")
         has_labels = labels is not None
         with accelerator.autocast():
-            logits = model(**model_inputs(batch)).logits
-        out = task.preprocess_logits(logits, labels)
+            outputs = model(**model_inputs(batch))
+        out = preprocess(outputs.logits, labels)
         if labels is not None:
-            per_sample, n_items = loss.per_sample(logits, labels)
+            per_sample, n_items = loss.per_sample_outputs(outputs, labels)
             per_sample, n_items = accelerator.gather_for_metrics((per_sample, n_items))
             loss_sum += per_sample.sum().item()  # host-device sync per batch (cheap next to the forward pass)
             items += n_items.sum().item()
@@ -56,13 +65,14 @@ def run_inference(model, dataloader, task, loss: ItemLoss, accelerator):
             # Token-level outputs: sequence lengths differ across ranks; pad before gathering.
             out = accelerator.pad_across_processes(out, dim=1, pad_index=-100)
             labels = accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
-        out = accelerator.gather_for_metrics(out)
-        preds.append(out.cpu().numpy())
-        if labels is not None:
-            labels_all.append(accelerator.gather_for_metrics(labels).cpu().numpy())
+        pending.append((accelerator.gather_for_metrics(out),
+                        accelerator.gather_for_metrics(labels) if labels is not None else None))
+        if len(pending) >= to_cpu_every:
+            to_cpu()
+    to_cpu()
     model.train()
     if not preds:
-        raise ValueError("The evaluation set yielded no batch.")
+        raise DataError("The evaluation set yielded no batch; check the validation/test data.")
     if preds[0].ndim > 1 and has_labels and labels_all[0].ndim > 1:
         # Token level: keep counted positions only, so batches of different lengths concatenate.
         keep = [lab != -100 for lab in labels_all]
@@ -74,10 +84,22 @@ def run_inference(model, dataloader, task, loss: ItemLoss, accelerator):
     return predictions, label_ids, loss_sum, items
 
 
+class PredictionOutput(NamedTuple):
+    """Trainer's `PredictionOutput`: what `trainer.predict(dataset)` returns (also `RunResult.predictions`)."""
+
+    predictions: np.ndarray
+    label_ids: Optional[np.ndarray]
+    metrics: dict
+
+
 def evaluate(model, dataloader, task, loss: ItemLoss, accelerator, prefix: str = "eval",
-             compute_metrics: Optional[Callable] = None) -> tuple[dict, np.ndarray]:
-    """Metrics with Trainer's names (`eval_loss`, `eval_accuracy`, ...) and the gathered predictions."""
-    predictions, label_ids, loss_sum, items = run_inference(model, dataloader, task, loss, accelerator)
+             compute_metrics: Optional[Callable] = None,
+             preprocess_logits: Optional[Callable] = None, to_cpu_every: int = 1) -> PredictionOutput:
+    """Metrics with Trainer's names (`eval_loss`, `eval_accuracy`, ...) and the gathered predictions.
+    `compute_metrics(predictions, label_ids)` and `preprocess_logits(logits, labels)` replace the task's."""
+    predictions, label_ids, loss_sum, items = run_inference(model, dataloader,
+                                                            preprocess_logits or task.preprocess_logits, loss,
+                                                            accelerator, to_cpu_every)
     metrics: dict = {}
     if label_ids is not None and items > 0:
         loss = loss_sum / items
@@ -91,7 +113,7 @@ def evaluate(model, dataloader, task, loss: ItemLoss, accelerator, prefix: str =
     from accelerate.utils import broadcast_object_list
 
     metrics = broadcast_object_list([metrics])[0] if accelerator.num_processes > 1 else metrics
-    return metrics, predictions
+    return PredictionOutput(predictions, label_ids, metrics)
 
 
 def _to_float(v):
@@ -105,7 +127,8 @@ class Evaluator:
     """Evaluates the model on the validation set and tracks the best metric and the patience counter."""
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, task: Task,
-                 loss: ItemLoss, args: TrainingArguments, compute_metrics: Optional[Callable] = None):
+                 loss: ItemLoss, args: TrainingArguments, compute_metrics: Optional[Callable] = None,
+                 preprocess_logits: Optional[Callable] = None):
         self.accelerator = accelerator
         self.model = model
         self.dataloader = dataloader
@@ -113,10 +136,11 @@ class Evaluator:
         self.loss = loss
         self.args = args
         self.compute_metrics = compute_metrics
+        self.preprocess_logits = preprocess_logits
 
-    def evaluate(self, dataloader: Optional[DataLoader] = None, prefix: str = "eval") -> tuple[dict, np.ndarray]:
+    def evaluate(self, dataloader: Optional[DataLoader] = None, prefix: str = "eval") -> PredictionOutput:
         return evaluate(self.model, dataloader or self.dataloader, self.task, self.loss, self.accelerator, prefix,
-                        self.compute_metrics)
+                        self.compute_metrics, self.preprocess_logits, self.args.eval_accumulation_steps or 1)
 
     def track(self, state: TrainingState, metrics: dict) -> bool:
         """Update the early-stopping counter (against the previous best, §12) and the best metric (§9).

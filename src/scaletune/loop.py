@@ -54,7 +54,7 @@ def fit(loop: Loop, state: TrainingState, plan: Plan) -> StopReason:
     log = LossLog(loop.stepper.accelerator.device)
     if t.eval_on_start and state.global_step == 0 and loop.evaluator is not None:
         # As Trainer: a sanity check of the untrained model, not a candidate for the best model.
-        record(loop, state, {**loop.evaluator.evaluate()[0], "epoch": state.epoch})
+        record(loop, state, {**loop.evaluator.evaluate().metrics, "epoch": state.epoch})
 
     for window in loop.data.windows(state, plan.max_steps):
         update = loop.stepper.update(window.batches)
@@ -63,17 +63,21 @@ def fit(loop: Loop, state: TrainingState, plan: Plan) -> StopReason:
             log.add(update.loss)
         else:
             handle_nonfinite(loop, state)
+        if t.include_num_input_tokens_seen:  # Host-device sync point (only when asked, as Trainer)
+            state.num_input_tokens_seen += int(loop.stepper.accelerator.reduce(update.tokens, "sum").item())
         actions = schedule.planned_actions(state.global_step, plan, t, window.epoch_ended, state.epoch)
 
         if actions.log and log.steps:
+            seen = {"num_input_tokens_seen": state.num_input_tokens_seen} if t.include_num_input_tokens_seen else {}
             record(loop, state, {**log.flush(loop.stepper.accelerator, update), **loop.meter.interval_metrics(),
-                                 "epoch": state.epoch})
+                                 **seen, "epoch": state.epoch})
 
         new_best = False
         if actions.evaluate and loop.evaluator is not None:
-            metrics, _ = loop.evaluator.evaluate()
+            metrics = loop.evaluator.evaluate().metrics
             record(loop, state, {**metrics, "epoch": state.epoch})
             new_best = loop.evaluator.track(state, metrics)
+            loop.stepper.after_evaluation(metrics)
 
         stop_early = schedule.should_stop_early(state.patience_counter, t.early_stopping_patience)
         preempted = loop.watcher.should_stop(loop.stepper.accelerator)  # collective: same update on every rank

@@ -22,33 +22,50 @@ weight, as `torch.nn.functional.cross_entropy(weight=...)` normalises a weighted
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the methods: the task modules import their loss at the top, and the config checks
+# that run before torch is imported (train.preflight reads task.metric_names) import the task modules.
 
 IGNORE_INDEX = -100
 """Label value that does not count (padding, special tokens, unlabelled rows), as transformers uses."""
 
 
-class ItemLoss(Protocol):
+class ItemLoss:
+    """A loss on the seam. Subclasses implement `count` and `per_sample`; a loss that needs the whole model
+    outputs (Trainer's `compute_loss_func`) overrides `batch_sum` and `per_sample_outputs` instead."""
+
     def count(self, labels: torch.Tensor) -> torch.Tensor:
         """Items counted in this micro-batch: a 0-d tensor (float: class weights may count fractionally)."""
-        ...
+        raise NotImplementedError
 
     def per_sample(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed item losses per sample, items per sample), both of shape (batch,), float32."""
-        ...
+        raise NotImplementedError
+
+    def batch_sum(self, outputs, labels: torch.Tensor, window_items: torch.Tensor) -> torch.Tensor:
+        """Training: this micro-batch's summed item losses (the loop divides by `window_items`, the count of
+        the whole window on every rank)."""
+        return self.per_sample(outputs.logits, labels)[0].sum()
+
+    def per_sample_outputs(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: `per_sample` from the model outputs."""
+        return self.per_sample(outputs.logits, labels)
 
 
 @dataclass(frozen=True)
-class CrossEntropy:
+class CrossEntropy(ItemLoss):
     """Softmax cross-entropy over classes (B×C logits, B labels) or tokens (B×T×V, B×T); -100 ignored."""
 
     label_smoothing: float = 0.0
     class_weights: Optional[tuple[float, ...]] = None
 
     def _weights(self, device) -> Optional[torch.Tensor]:
+        import torch
+
         return None if self.class_weights is None else torch.tensor(self.class_weights, device=device)
 
     def count(self, labels: torch.Tensor) -> torch.Tensor:
@@ -59,6 +76,8 @@ class CrossEntropy:
         return weights[labels[counted]].sum()
 
     def per_sample(self, logits, labels):
+        import torch.nn.functional as F
+
         batch = labels.shape[0]
         # fp32 for the softmax: under autocast the logits may be half precision.
         flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -75,29 +94,110 @@ class CrossEntropy:
 
 
 @dataclass(frozen=True)
-class MeanSquaredError:
+class MeanSquaredError(ItemLoss):
     """Regression: squared error per output value; every value of every sample is an item."""
 
     def count(self, labels: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.tensor(float(labels.numel()), device=labels.device)
 
     def per_sample(self, logits, labels):
+        import torch
+
         batch = labels.shape[0]
         diff = logits.float().reshape(batch, -1) - labels.float().reshape(batch, -1)
         return (diff * diff).sum(dim=1), torch.full((batch,), float(diff.shape[1]), device=logits.device)
 
 
 @dataclass(frozen=True)
-class BinaryCrossEntropy:
+class BinaryCrossEntropy(ItemLoss):
     """Multi-label: a sigmoid per label slot (B×L logits, B×L labels in {0, 1}; -100 = slot not counted)."""
 
     def count(self, labels: torch.Tensor) -> torch.Tensor:
         return (labels != IGNORE_INDEX).sum().float()
 
     def per_sample(self, logits, labels):
+        import torch.nn.functional as F
+
         batch = labels.shape[0]
         labels = labels.float().reshape(batch, -1)
         counted = labels != IGNORE_INDEX
         losses = F.binary_cross_entropy_with_logits(logits.float().reshape(batch, -1), labels.clamp(min=0),
                                                     reduction="none")
         return (losses * counted).sum(dim=1), counted.sum(dim=1).float()
+
+
+@dataclass(frozen=True)
+class ComputeLossFunc(ItemLoss):
+    """Trainer's `compute_loss_func(outputs, labels, num_items_in_batch) -> loss` on the loss seam.
+
+    Trainer's contract: the function returns the loss *divided by* `num_items_in_batch`. Training passes the
+    item count of the whole window on every rank, so `loss * count` is the window share of the summed loss
+    and the loop's normalisation stays exact. Items are counted as Trainer does (labels != -100).
+    """
+
+    fn: Callable
+    counter: ItemLoss = CrossEntropy()
+
+    def count(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.counter.count(labels)
+
+    def batch_sum(self, outputs, labels: torch.Tensor, window_items: torch.Tensor) -> torch.Tensor:
+        return self.fn(outputs, labels, num_items_in_batch=window_items) * window_items
+
+    def per_sample_outputs(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The user's function gives one number per batch: it is spread evenly over the batch's samples, so
+        # distributed evaluation can still drop the duplicated padding samples (approximately, per sample).
+        items = self.count(labels)
+        total = self.fn(outputs, labels, num_items_in_batch=items.clamp(min=1)) * items
+        batch = labels.shape[0]
+        return total.float().expand(batch) / batch, items.float().expand(batch) / batch
+
+    def per_sample(self, logits, labels):
+        raise TypeError("ComputeLossFunc needs the model outputs: call per_sample_outputs.")
+
+
+@dataclass(frozen=True)
+class SparseTokenCrossEntropy(ItemLoss):
+    """Token cross-entropy that also takes logits of the labelled positions only (MLM).
+
+    Masked-LM labels ~15% of the tokens, yet a full head projects every position onto the vocabulary (30,522
+    columns for BERT): most of the head's FLOPs and the largest activation of the step. `tasks/mlm.py` makes
+    the head project only the labelled positions, in row-major order, giving N_labelled x V logits; this loss
+    takes those (or full B x T x V logits, computed as `CrossEntropy` does) with the B x T labels and returns
+    the same per-sample sums and counts. Same numbers as `CrossEntropy` to float rounding.
+    """
+
+    label_smoothing: float = 0.0
+
+    def count(self, labels: torch.Tensor) -> torch.Tensor:
+        return (labels != IGNORE_INDEX).sum().float()
+
+    def per_sample(self, logits, labels):
+        if logits.dim() == labels.dim() + 1:  # full logits: a model without the sparse head
+            return CrossEntropy(label_smoothing=self.label_smoothing).per_sample(logits, labels)
+        import torch
+        import torch.nn.functional as F
+
+        batch = labels.shape[0]
+        counted = labels.reshape(batch, -1) != IGNORE_INDEX
+        positions = labelled_positions(labels, logits.shape[0])
+        targets = labels.reshape(-1).index_select(0, positions)
+        # fp32 for the softmax, as CrossEntropy; here only N_labelled rows are copied, not B x T.
+        item_losses = F.cross_entropy(logits.float(), targets, reduction="none",
+                                      label_smoothing=self.label_smoothing)
+        losses = torch.zeros(batch, dtype=item_losses.dtype, device=logits.device)
+        losses.index_add_(0, positions // counted.shape[1], item_losses)
+        return losses, counted.sum(dim=1).float()
+
+
+def labelled_positions(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat row-major indices of the labelled positions (label != -100), given how many there are.
+
+    `nonzero_static` with the count known from the logits' shape needs no host-device sync, unlike
+    `labels[mask]` or `nonzero()`, which must read the count back before allocating their output.
+    """
+    import torch
+
+    return torch.nonzero_static((labels != IGNORE_INDEX).reshape(-1), size=count).reshape(-1)

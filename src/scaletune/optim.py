@@ -1,16 +1,28 @@
-"""AdamW with Trainer's parameter groups, and the learning-rate schedule."""
+"""The optimizer (Trainer's names and parameter groups) and the learning-rate schedule.
+
+The optimizer classes and their arguments come from transformers' own optimizer handlers
+(`transformers.trainer_optimizer`), so `optim: adafactor` or `optim: sgd` with `optim_args` build exactly what
+Trainer builds; only the parameter groups are ours (Trainer's rule: no weight decay on biases and norms).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 # Trainer.get_decay_parameter_names' patterns: no weight decay on biases and norm weights.
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
+# Schedules that step on an evaluation metric, not once per update (Trainer steps them in evaluate()).
+METRIC_SCHEDULES = ("reduce_lr_on_plateau",)
+
 
 def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS, OptimizerContext, _parse_optim_args
     from transformers.trainer_pt_utils import get_parameter_names
+    from transformers.training_args import OptimizerNames
 
     decay = set(get_parameter_names(model, [nn.LayerNorm], _NO_DECAY_PATTERNS))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -19,14 +31,25 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
         {"params": [p for n, p in params if n in decay], "weight_decay": args.weight_decay},
         {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
     ]
-    # fused=True: Trainer's default optimizer (optim="adamw_torch_fused"). The unfused kernel rounds differently,
-    # so this keeps runs bit-identical to Trainer's (tests/test_parity_loss.py) -- and it is faster on GPU.
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon, fused=True)
+    # Trainer's handlers read `args.optim`: ours has the same name and values. The default, fused AdamW, is
+    # Trainer's default too; the unfused kernel rounds differently (tests/parity/test_parity_loss.py).
+    context = OptimizerContext(args=args, model=model, optimizer_kwargs={"lr": args.learning_rate},
+                               adam_kwargs={"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
+                               optim_args=_parse_optim_args(args.optim_args))
+    optimizer_cls, kwargs = _OPTIMIZER_HANDLERS[OptimizerNames(args.optim)](context)
+    try:
+        return optimizer_cls(groups, **kwargs)
+    except TypeError as e:  # an optim_args key the optimizer does not take
+        raise ConfigError(f"optim={args.optim} does not accept these arguments ({e}); fix optim_args.") from None
 
 
 def build_scheduler(optimizer, args, plan):
     from transformers import get_scheduler
 
-    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps,
-                         num_training_steps=plan.max_steps)
+    try:
+        return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup_steps,
+                             num_training_steps=plan.max_steps,
+                             scheduler_specific_kwargs=dict(args.lr_scheduler_kwargs or {}))
+    except TypeError as e:  # an lr_scheduler_kwargs key the schedule does not take
+        raise ConfigError(f"lr_scheduler_type={args.lr_scheduler_type} does not accept lr_scheduler_kwargs="
+                          f"{args.lr_scheduler_kwargs} ({e}).") from None

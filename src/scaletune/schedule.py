@@ -85,7 +85,8 @@ class StepActions:
 
 def step_actions(step: int, plan: Plan, args) -> StepActions:
     """What happens after optimizer update number `step` (1-based), ignoring epoch ends (§4, DefaultFlowCallback)."""
-    log = (step == 1 and args.logging_first_step) or step % plan.logging_steps == 0
+    log = (step == 1 and args.logging_first_step) or (args.logging_strategy == "steps"
+                                                       and step % plan.logging_steps == 0)
     evaluate = args.eval_strategy == "steps" and step % plan.eval_steps == 0 and step >= args.eval_delay
     save = args.save_strategy == "steps" and step % plan.save_steps == 0
     if step >= plan.max_steps:  # the last step: evaluate once more if off the interval, always save by steps
@@ -97,7 +98,7 @@ def step_actions(step: int, plan: Plan, args) -> StepActions:
 def epoch_end_actions(epochs_done: float, args) -> StepActions:
     """What happens at the end of an epoch (§6)."""
     return StepActions(
-        log=False,
+        log=args.logging_strategy == "epoch",
         evaluate=args.eval_strategy == "epoch" and epochs_done >= args.eval_delay,
         save=args.save_strategy == "epoch",
     )

@@ -39,6 +39,8 @@ class TrainingState:
     """Early stopping decided; a resumed run must not train on."""
     skipped_updates: int = 0
     """Updates dropped because the loss or gradient norm was not finite (on_nonfinite=skip)."""
+    num_input_tokens_seen: int = 0
+    """Non-padding input tokens trained on, all processes (counted with include_num_input_tokens_seen)."""
     world_size: int = 1
     """Processes that wrote this state: the data position is per rank, so a resume needs the same count."""
     log_history: list = field(default_factory=list)

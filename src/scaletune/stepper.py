@@ -134,6 +134,8 @@ class Update:
     finite: bool
     """False when the loss or gradient norm was NaN/inf on some rank (agreed); the update was then not applied
     where that is possible (outside DeepSpeed, which steps inside backward)."""
+    tokens: torch.Tensor
+    """Non-padding input tokens of this rank's window (on device: counting costs no sync)."""
 
 
 class Stepper:
@@ -141,7 +143,9 @@ class Stepper:
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loss: ItemLoss, meter: ThroughputMeter,
-                 max_grad_norm: float, check_finite: bool = True):
+                 max_grad_norm: float, schedule_metric: Optional[str] = None, check_finite: bool = True):
+        """`schedule_metric`: the evaluation metric a metric-driven schedule (reduce_lr_on_plateau) steps on,
+        at each evaluation instead of once per update."""
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -149,6 +153,7 @@ class Stepper:
         self.loss = loss
         self.meter = meter
         self.max_grad_norm = max_grad_norm
+        self.schedule_metric = schedule_metric
         self.check_finite = check_finite
         self.deepspeed = is_deepspeed(accelerator)
         # fp16 overflow shows as an infinite grad norm and is the grad scaler's business (it skips the step).
@@ -166,16 +171,19 @@ class Stepper:
         # steps; undo both so the gradient is d(sum of losses)/d(theta) / global_items.
         scale = acc.num_processes * acc.gradient_accumulation_steps / global_items
         step_loss = torch.zeros((), device=acc.device)
+        tokens = torch.zeros((), dtype=torch.int64, device=acc.device)
         for i, batch in enumerate(window):
             last = i == len(window) - 1
             acc.gradient_state._set_sync_gradients(last)  # as Trainer does: we own the window, not accelerate
             # DeepSpeed syncs at the boundary it is told about (sync_gradients above); DDP needs no_sync.
             no_sync = not last and not self.deepspeed
             with acc.no_sync(model) if no_sync else contextlib.nullcontext():
-                self.meter.add_batch(batch["labels"].shape[0], batch["attention_mask"].sum()
-                                     if "attention_mask" in batch else batch["input_ids"].numel())
-                logits = model(**model_inputs(batch)).logits
-                loss_sum = self.loss.per_sample(logits, batch["labels"])[0].sum()
+                batch_tokens = (batch["attention_mask"].sum() if "attention_mask" in batch
+                                else torch.tensor(batch["input_ids"].numel(), device=acc.device))
+                tokens += batch_tokens
+                self.meter.add_batch(batch["labels"].shape[0], batch_tokens)
+                outputs = model(**model_inputs(batch))
+                loss_sum = self.loss.batch_sum(outputs, batch["labels"], global_items)
                 acc.backward(loss_sum * scale)
             step_loss += loss_sum.detach() / global_items
         # The norm before clipping; with clipping off it is still measured and logged, as Trainer does.
@@ -185,11 +193,17 @@ class Stepper:
         finite = not self.check_finite or self._all_finite(step_loss, grad_norm)
         if finite:
             self.optimizer.step()
-            if not acc.optimizer_step_was_skipped:  # an fp16 overflow skipped the update: keep the schedule (§18)
+            # An fp16 overflow skipped the update: keep the schedule (§18).
+            if not acc.optimizer_step_was_skipped and self.schedule_metric is None:
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.meter.step_done()
-        return Update(step_loss, grad_norm, learning_rate, finite)
+        return Update(step_loss, grad_norm, learning_rate, finite, tokens)
+
+    def after_evaluation(self, metrics: dict) -> None:
+        """A metric-driven schedule steps on the evaluation (as Trainer's evaluate() does)."""
+        if self.schedule_metric is not None:
+            self.scheduler.step(metrics[self.schedule_metric])
 
     def _all_finite(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> bool:
         """Collective: every rank agrees whether any rank saw a non-finite loss (or gradient norm)."""

@@ -157,11 +157,30 @@ def _peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / DataParallel / FSDP / DeepSpeed / torch.compile wrappers.
+
+    Not `accelerator.unwrap_model`: that imports deepspeed whenever it is installed, which costs ~0.7 s and a
+    log line in every run that does not use it. A DeepSpeedEngine can only exist once deepspeed is imported,
+    so looking it up in sys.modules is exact.
+    """
+    wrappers = [torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel]
+    if "deepspeed" in sys.modules:
+        wrappers.append(sys.modules["deepspeed"].DeepSpeedEngine)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and hasattr(fsdp, "FullyShardedDataParallel"):
+        wrappers.append(fsdp.FullyShardedDataParallel)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    while isinstance(model, tuple(wrappers)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 class ThroughputMeter:
     def __init__(self, model, accelerator, peak_flops: Optional[float] = None):
         """peak_flops: override the table (FLOP/s of one device), e.g. for a GPU it does not list."""
         self.accelerator = accelerator
-        self.dims = model_dims(accelerator.unwrap_model(model))
+        self.dims = model_dims(unwrap_model(model))
         self.peak = peak_flops if peak_flops is not None else device_peak_flops(accelerator.device)
         self._reset()
 

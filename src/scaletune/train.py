@@ -7,12 +7,17 @@ call into a module that owns it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .config import Config, ConfigError, ConfigSource, load_config
+from .dropin import UserParts
+
+if TYPE_CHECKING:
+    from .evaluation import PredictionOutput
 from .errors import ScaletuneError
 
 
@@ -34,6 +39,8 @@ class RunResult:
     """The signal that preempted the run (SIGINT, SIGTERM, SIGUSR1), if one did."""
     requeued: bool = False
     """The preempted Slurm job requeued itself."""
+    predictions: Optional[PredictionOutput] = None
+    """The test split's (predictions, label_ids, metrics), as Trainer's `trainer.predict(test_dataset)`."""
 
     @property
     def exit_code(self) -> int:
@@ -44,7 +51,7 @@ class RunResult:
         return 130 if self.stop_signal == "SIGINT" else 143
 
 
-def preflight(cfg: Config, compute_metrics: Optional[Callable] = None) -> Optional[Path]:
+def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[Path]:
     """Checks that need no model or data loading: bad input fails in seconds, nothing is overwritten."""
     from . import checkpointer, data
     from .distributed import deepspeed_requested
@@ -54,7 +61,10 @@ def preflight(cfg: Config, compute_metrics: Optional[Callable] = None) -> Option
 
     t = cfg.training
     check_report_to(t.report_to)
-    if t.metric_for_best_model and compute_metrics is None:  # a custom compute_metrics is only known later
+    user = user or UserParts()
+    if not user.brings_data and cfg.data.dataset_name is None and cfg.data.train_file is None and t.do_train:
+        raise ConfigError("No training data: set dataset_name or train_file (or pass train_dataset to run()).")
+    if t.metric_for_best_model and user.compute_metrics is None:  # a custom compute_metrics is only known later
         known = [f"eval_{m}" for m in get_task(cfg.data.task).metric_names]
         if metric_key(t.metric_for_best_model) not in known:
             raise ConfigError(f"metric_for_best_model={t.metric_for_best_model!r} is not an evaluation metric of "
@@ -73,32 +83,61 @@ def effective_config(cfg: Config) -> dict:
     return redact(cfg.to_dict())
 
 
-def run(config: ConfigSource = None, compute_metrics: Optional[Callable] = None,
-        overrides: Optional[dict] = None) -> RunResult:
-    """Train, evaluate, export and predict as configured. `config`: dict, YAML/JSON path, CLI args list."""
+def run(args: ConfigSource = None, *, model=None, processing_class=None, train_dataset=None, eval_dataset=None,
+        test_dataset=None, data_collator: Optional[Callable] = None, compute_metrics: Optional[Callable] = None,
+        preprocess_logits_for_metrics: Optional[Callable] = None, compute_loss_func: Optional[Callable] = None,
+        callbacks: Optional[list] = None, overrides: Optional[dict] = None) -> RunResult:
+    """Train, evaluate, export and predict. Trainer's keyword names (see dropin.py):
+
+    `args`: a config dict, a YAML/JSON path or recipe name, a CLI argument list, a Config, or a
+    `transformers.TrainingArguments`. Everything else is optional and replaces what scaletune would build:
+    `model` (any PreTrainedModel), `processing_class` (tokenizer), the datasets (`datasets.Dataset`, a torch
+    Dataset of dicts, a list of dicts), `data_collator`, `compute_metrics` (Trainer's one-argument form or
+    `(predictions, label_ids)`), `preprocess_logits_for_metrics`, `compute_loss_func(outputs, labels,
+    num_items_in_batch)` and `callbacks` (EarlyStoppingCallback).
+    """
+    from . import dropin
     from .checkpointer import release_lock
 
-    cfg = load_config(config, overrides)
+    user = dropin.UserParts(model=model, processing_class=processing_class, train_dataset=train_dataset,
+                            eval_dataset=eval_dataset, test_dataset=test_dataset, data_collator=data_collator,
+                            compute_metrics=dropin.metrics_function(compute_metrics),
+                            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                            compute_loss_func=compute_loss_func)
+    if type(args).__name__ == "TrainingArguments" or hasattr(args, "to_sanitized_dict"):
+        args = dropin.config_from_training_arguments(args)
+    if args is None and (user.brings_data or model is not None):
+        args = {}  # the user's own objects: start from the defaults, not the demo recipe
+    cfg = load_config(args, {**dropin.config_from_callbacks(callbacks), **(overrides or {})})
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart and cfg.training.resume_from_checkpoint is None:
+        # `./launch --max_restarts N`: the elastic agent restarted the workers after a crash.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"scaletune: restart {restart} after a failure; resuming from the latest checkpoint.",
+                  file=sys.stderr)
+        cfg.training.resume_from_checkpoint = "latest"
     try:
-        return _run(cfg, preflight(cfg, compute_metrics), compute_metrics)
+        return _run(cfg, preflight(cfg, user), user)
     finally:
         release_lock(Path(cfg.training.output_dir))
         if "scaletune.preemption" in sys.modules:
             sys.modules["scaletune.preemption"].PreemptionWatcher.uninstall_current()
 
 
-def _run(cfg: Config, resume_path: Optional[Path], compute_metrics: Optional[Callable]) -> RunResult:
+def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult:
     import yaml
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from . import data, schedule
+    from . import data, dropin, schedule
     from .assets import model_path
     from .checkpointer import Checkpointer, check_resume_compatible
+    from . import lora
     from .distributed import build_accelerator, configure_model
     from .evaluation import Evaluator
     from .loop import Loop, fit
-    from .optim import build_optimizer, build_scheduler
+    from .losses import ComputeLossFunc
+    from .optim import METRIC_SCHEDULES, build_optimizer, build_scheduler
     from .preemption import PreemptionWatcher, requeue_if_slurm
     from .state import TrainingState
     from .stepper import Stepper, TrainData
@@ -108,26 +147,39 @@ def _run(cfg: Config, resume_path: Optional[Path], compute_metrics: Optional[Cal
 
     t, d, m = cfg.training, cfg.data, cfg.model
     accelerator = build_accelerator(cfg)
+    set_tf32(t.tf32)
     quiet_other_ranks(accelerator)
     watcher = PreemptionWatcher()
     watcher.install()  # early: a preemption during data loading stops after the first update, with a checkpoint
     set_seed(t.seed)
     task = get_task(d.task)
-    tokenizer = AutoTokenizer.from_pretrained(model_path(m.tokenizer_name or m.model_name_or_path),
-                                              cache_dir=m.cache_dir, revision=m.model_revision,
-                                              trust_remote_code=m.trust_remote_code)
-    raw = data.load_raw_datasets(cfg, streaming=d.streaming)
-    prepared = task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first)
+    tokenizer = user.processing_class
+    if tokenizer is None and user.model is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_path(m.tokenizer_name or m.model_name_or_path),
+                                                  cache_dir=m.cache_dir, revision=m.model_revision,
+                                                  trust_remote_code=m.trust_remote_code)
+    if user.brings_data:
+        prepared = dropin.user_prepared_data(task, tokenizer, cfg, accelerator.main_process_first,
+                                             user.train_dataset, user.eval_dataset, user.test_dataset,
+                                             getattr(user.model, "config", None))
+    else:
+        raw = data.load_raw_datasets(cfg, streaming=d.streaming)
+        prepared = task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first)
     if resume_path is not None:
         check_resume_compatible(resume_path, effective_config(cfg), accelerator.num_processes)
     set_seed(t.seed)  # the head's init does not depend on how much randomness data loading used
-    model = configure_model(task.build_model(cfg, prepared, tokenizer), t)  # gradient checkpointing
+    model = configure_model(user.model if user.model is not None else task.build_model(cfg, prepared, tokenizer),
+                            t)  # gradient checkpointing
+    model = lora.apply(model, cfg)  # use_peft: LoRA adapters on the frozen pretrained model
+    if cfg.peft.use_peft:
+        accelerator.print(lora.trainable_summary(model))
     # Seeded again, as Trainer.__init__ does after the user built the model: the dropout stream then does not
     # depend on how much randomness a new head's init drew (tests/parity/test_parity_migration.py).
     set_seed(t.seed)
 
     def loader(split, training: bool, batch_size: int):
-        return data.build_dataloader(split, task.collator(tokenizer, cfg, training), batch_size, training, t)
+        collate = user.data_collator or dropin.default_collator(tokenizer, task, cfg, training)
+        return data.build_dataloader(split, collate, batch_size, training, t)
 
     train_dl = loader(prepared.train, True, t.per_device_train_batch_size) if t.do_train else None
     eval_dl = loader(prepared.validation, False, t.per_device_eval_batch_size) if prepared.validation else None
@@ -159,16 +211,19 @@ def _run(cfg: Config, resume_path: Optional[Path], compute_metrics: Optional[Cal
     if accelerator.is_main_process:
         Path(t.output_dir, "config.yaml").write_text(config_yaml)
 
-    loss = task.loss(cfg)
+    loss = ComputeLossFunc(user.compute_loss_func) if user.compute_loss_func else task.loss(cfg)
     meter = ThroughputMeter(model, accelerator)
-    evaluator = (Evaluator(accelerator, model, eval_dl, task, loss, t, compute_metrics) if eval_dl is not None
-                 else None)
+    # One evaluator for validation and test: the same loss, metrics and logit reduction.
+    evaluator = Evaluator(accelerator, model, eval_dl, task, loss, t, user.compute_metrics,
+                          user.preprocess_logits_for_metrics)
     stop_reason = "no_training"
     if t.do_train:
-        stepper = Stepper(accelerator, model, optimizer, scheduler, loss, meter, t.max_grad_norm)
+        stepper = Stepper(accelerator, model, optimizer, scheduler, loss, meter, t.max_grad_norm,
+                          schedule_metric=schedule.metric_key(t.metric_for_best_model or "loss")
+                          if t.lr_scheduler_type in METRIC_SCHEDULES else None)
         loop = Loop(args=t, data=TrainData(train_dl, accelerator, t.gradient_accumulation_steps, meter),
-                    stepper=stepper, evaluator=evaluator, checkpointer=checkpointer, tracker=tracker, meter=meter,
-                    watcher=watcher)
+                    stepper=stepper, evaluator=evaluator if eval_dl is not None else None,
+                    checkpointer=checkpointer, tracker=tracker, meter=meter, watcher=watcher)
         stop_reason = fit(loop, state, plan)
     if stop_reason == "preempted":
         accelerator.print(f"Preempted at step {state.global_step}; checkpoint written. Resume with "
@@ -179,30 +234,32 @@ def _run(cfg: Config, resume_path: Optional[Path], compute_metrics: Optional[Cal
         requeued = requeue_if_slurm(accelerator)  # collective
         accelerator.end_training()
         return _result(cfg, state, checkpointer, {}, stop_reason, None, watcher.signal_name, requeued)
-    metrics, predictions_file = finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task, test_dl,
-                                       prepared)
+    metrics, predictions_file, test_output = finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task,
+                                                    test_dl, prepared, stop_reason)
     accelerator.end_training()
-    return _result(cfg, state, checkpointer, metrics, stop_reason, predictions_file)
+    return _result(cfg, state, checkpointer, metrics, stop_reason, predictions_file, predictions=test_output)
 
 
-def finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task, test_dl, prepared):
-    """Reload the best weights, rotate, evaluate, export the model, predict the test split."""
+def finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task, test_dl, prepared, stop_reason):
+    """Reload the best weights, rotate, evaluate, export the model with its card, predict the test split."""
+    from .modelcard import write_model_card
+
     t = cfg.training
     checkpointer.reload_best(state)
     metrics = {}
-    if t.do_eval and evaluator is not None:
-        metrics.update(evaluator.evaluate()[0])
+    if t.do_eval and evaluator.dataloader is not None:
+        metrics.update(evaluator.evaluate().metrics)
     checkpointer.export()
-    predictions_file = None
+    if accelerator.is_main_process:
+        write_model_card(t.output_dir, cfg, accelerator.unwrap_model(checkpointer.model), state.log_history,
+                         accelerator.num_processes, state.best_metric, state.best_global_step, stop_reason)
+    predictions_file, test_output = None, None
     if test_dl is not None:
-        from .evaluation import Evaluator
-
-        tester = evaluator or Evaluator(accelerator, checkpointer.model, test_dl, task, task.loss(cfg), t)
-        test_metrics, predictions = tester.evaluate(test_dl, "test")
-        metrics.update(test_metrics)
+        test_output = evaluator.evaluate(test_dl, "test")
+        metrics.update(test_output.metrics)
         if accelerator.is_main_process:
             predictions_file = str(Path(t.output_dir) / "predictions.csv")
-            task.write_predictions(predictions_file, predictions, prepared,
+            task.write_predictions(predictions_file, test_output.predictions, prepared,
                                    accelerator.unwrap_model(checkpointer.model).config)
             if not Path(predictions_file).exists():  # MLM writes none: its test split gives metrics only
                 predictions_file = None
@@ -214,12 +271,32 @@ def finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task, test
                     "best_global_step": state.best_global_step,
                     "best_model_checkpoint": str(best) if best else None, "output_dir": t.output_dir,
                     "model_dir": t.output_dir, "predictions_file": predictions_file,
-                    "baseline": task.baseline(prepared.validation) if "eval_loss" in metrics else None})
-    return metrics, predictions_file
+                    "baseline": baseline(task, prepared) if "eval_loss" in metrics else None})
+    return metrics, predictions_file, test_output
+
+
+def set_tf32(tf32: Optional[bool]) -> None:
+    """tf32 as Trainer: TF32 matmuls on Ampere or newer GPUs; None leaves torch's default."""
+    if tf32 is None:
+        return
+    import torch
+
+    if tf32 and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8):
+        raise ConfigError("tf32=true needs an Ampere or newer NVIDIA GPU; this machine has none: unset tf32.")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def baseline(task, prepared) -> Optional[str]:
+    """The task's trivial baseline, when the validation data is a `datasets.Dataset` it can read (a user's
+    torch Dataset has no columns to read)."""
+    if not hasattr(prepared.validation, "column_names"):
+        return None
+    return task.baseline(prepared.validation)
 
 
 def _result(cfg, state, checkpointer, metrics, stop_reason, predictions_file, stop_signal=None,
-            requeued=False) -> RunResult:
+            requeued=False, predictions=None) -> RunResult:
     from .checkpoint import list_checkpoints
 
     out = cfg.training.output_dir
@@ -228,7 +305,8 @@ def _result(cfg, state, checkpointer, metrics, stop_reason, predictions_file, st
                      global_step=state.global_step, best_metric=state.best_metric,
                      best_global_step=state.best_global_step, best_model_checkpoint=str(best) if best else None,
                      log_history=state.log_history, stop_reason=stop_reason, output_dir=out,
-                     predictions_file=predictions_file, stop_signal=stop_signal, requeued=requeued)
+                     predictions_file=predictions_file, stop_signal=stop_signal, requeued=requeued,
+                     predictions=predictions)
 
 
 def main(argv: Optional[list] = None) -> int:

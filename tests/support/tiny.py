@@ -65,15 +65,18 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, check:
     return proc
 
 
-def accelerate_launch(num_processes: int, args: list[str], config_file: str | None = None, **kw):
-    """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m scaletune.train ...` (gloo DDP)."""
+def accelerate_launch(num_processes: int, args: list[str], config_file: str | None = None,
+                      script: str | None = None, **kw):
+    """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m scaletune.train ...` (gloo DDP);
+    with `script`, that Python file instead of `-m scaletune.train`."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", config_file]
     elif num_processes > 1:
         cmd += ["--multi_gpu"]
     cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "scaletune.train", *args]
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            *([script] if script else ["-m", "scaletune.train"]), *args]
     env = {"ACCELERATE_USE_CPU": "true", **kw.pop("env", {})}
     return run_cli(cmd, env=env, **kw)
 

@@ -163,16 +163,6 @@ def test_login_check_imports_neither_wandb_nor_torch(tmp_path):
 # --------------------------------------------------------------------------- the tracker's sinks
 
 
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    acc = Accelerator(cpu=True)
-    yield acc
-    AcceleratorState._reset_state(reset_partial_state=True)  # leave no singleton behind for other tests
-
-
 def make_cfg(tmp_path, **overrides):
     from scaletune.config import load_config
 

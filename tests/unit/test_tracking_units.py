@@ -22,16 +22,6 @@ from support.wandb_reader import find_runs, read_run
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    acc = Accelerator(cpu=True)
-    yield acc
-    AcceleratorState._reset_state(reset_partial_state=True)  # leave no singleton behind for other tests
-
-
 def make_cfg(tmp_path, **overrides):
     from scaletune.config import load_config
 

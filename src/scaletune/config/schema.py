@@ -10,6 +10,7 @@ an `int` field holds an int, a `float` a finite number, a `str` a string. Values
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -26,7 +27,12 @@ from .checks import require as _require
 TaskName = Literal["classification", "regression", "multilabel", "mlm"]
 Strategy = Literal["no", "steps", "epoch"]
 NonFinitePolicy = Literal["stop", "skip"]
-SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+SchedulerType = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                        "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                        "warmup_stable_decay"]
+OptimizerName = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"]
+LoggingStrategy = Literal["no", "steps", "epoch"]
+SamplingStrategy = Literal["random", "group_by_length"]
 TRACKERS = ("wandb", "tensorboard")
 
 
@@ -111,9 +117,19 @@ class DataArguments:
     """MLM: one example per non-empty line, padded, instead of grouping text into blocks."""
     streaming: bool = False
     """MLM: stream the dataset instead of tokenizing it up front (requires max_steps)."""
+    padding_free: bool = False
+    """Concatenate each batch into one row without padding (position ids restart per example). Needs varlen
+    attention (`flash_attention_2` / `flash_attention_3`, CUDA); the BERT-family models scaletune loads run
+    `sdpa` or `eager`, which would attend across examples, so `true` is refused: use
+    `train_sampling_strategy: group_by_length` to cut padding instead."""
 
     def __post_init__(self):
         check_types(self)
+        if self.padding_free:
+            raise ConfigError("padding_free=true needs varlen attention (flash_attention_2 or flash_attention_3 on "
+                              "CUDA), but scaletune loads models with sdpa/eager attention, which would attend "
+                              "across the concatenated examples; set padding_free=false and use "
+                              "train_sampling_strategy=group_by_length to cut padding.")
         for name in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_predict_samples",
                      "preprocessing_num_workers", "pad_to_multiple_of"):
             _require(self, name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 (or unset)")
@@ -131,7 +147,7 @@ class TrainingArguments:
     output_dir: str = "outputs/scaletune"
     """Where checkpoints, the final model, logs and predictions are written."""
     overwrite_output_dir: bool = False
-    """Allow a fresh run into an output dir that already holds checkpoints (they are then rotated away)."""
+    """Allow a fresh run into an output dir that already holds checkpoints: they are removed before its first save."""
     do_train: bool = True
     """Run training."""
     do_eval: bool = True
@@ -144,8 +160,10 @@ class TrainingArguments:
     """Total optimizer updates; overrides num_train_epochs when > 0."""
     per_device_train_batch_size: int = 8
     """Micro-batch size per process."""
-    per_device_eval_batch_size: int = 8
-    """Evaluation batch size per process."""
+    per_device_eval_batch_size: int = 32
+    """Evaluation batch size per process. 32, not Trainer's 8: evaluation keeps no activations for backward,
+    no gradients and no optimizer state, so 4x the training default fits wherever training fits, and fewer,
+    larger forward passes run faster (the loss and metrics do not depend on it)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer update. Loss is normalised over the whole window (unlike Trainer 5.x)."""
     learning_rate: float = 5e-5
@@ -160,14 +178,29 @@ class TrainingArguments:
     """AdamW epsilon (> 0)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
+    optim: OptimizerName = "adamw_torch_fused"
+    """The optimizer, by Trainer's names (its default: fused AdamW); built by transformers' own optimizer
+    handlers, with Trainer's parameter groups (no weight decay on biases and norms)."""
+    optim_args: Optional[str] = None
+    """Extra optimizer arguments as Trainer takes them: `momentum=0.9,nesterov=true` (sgd)."""
     lr_scheduler_type: SchedulerType = "linear"
-    """Learning-rate schedule after warmup, as `transformers.get_scheduler`."""
+    """Learning-rate schedule after warmup, as `transformers.get_scheduler`. `reduce_lr_on_plateau` steps at
+    each evaluation on metric_for_best_model (default eval_loss), as Trainer."""
+    lr_scheduler_kwargs: Optional[dict] = None
+    """Extra arguments of the schedule (`{"num_cycles": 2}` for cosine_with_restarts; JSON on the command line)."""
+    label_smoothing_factor: float = 0.0
+    """Label smoothing of the cross-entropy, in [0, 1): targets are mixed with the uniform distribution."""
     warmup_steps: float = 0
     """Warmup: an integer >= 1 is steps, a float < 1 a fraction of max_steps."""
     logging_steps: float = 500
     """Log every N updates (< 1: fraction of max_steps)."""
     logging_first_step: bool = False
     """Also log after the first update."""
+    logging_strategy: LoggingStrategy = "steps"
+    """When to log the training loss: every logging_steps updates, at the end of every epoch, or never."""
+    include_num_input_tokens_seen: bool = False
+    """Log `num_input_tokens_seen`: the non-padding input tokens trained on so far, over all processes (kept
+    across a resume)."""
     eval_strategy: Strategy = "no"
     """When to evaluate during training: never, every eval_steps updates, or after every epoch."""
     eval_steps: Optional[float] = None
@@ -224,10 +257,27 @@ class TrainingArguments:
     """Pin host memory for faster copies to the GPU."""
     dataloader_drop_last: bool = False
     """Drop the last incomplete training batch."""
+    train_sampling_strategy: SamplingStrategy = "random"
+    """Training order: `random` shuffles; `group_by_length` (Trainer's name) shuffles, then sorts mega-batches
+    of 50 batches by length, so a batch holds examples of similar length and less padding (the longest batch
+    comes first: an out-of-memory error shows in step 1). Both orders are a function of (data_seed, epoch):
+    a resumed run continues the same order. Worth it when lengths vary (long documents, line_by_line MLM)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     torch_compile: bool = False
     """Compile the model with torch.compile."""
+    torch_compile_mode: Optional[str] = None
+    """torch.compile mode (`default`, `reduce-overhead`, `max-autotune`); implies torch_compile."""
+    tf32: Optional[bool] = None
+    """Allow TF32 matmuls on Ampere or newer GPUs (None: torch's default). True without such a GPU is an error."""
+    save_only_model: bool = False
+    """Checkpoints hold the model only (no optimizer, scheduler or RNG state): smaller, but they cannot be
+    resumed from (the best-model reload works)."""
+    eval_accumulation_steps: Optional[int] = None
+    """Move gathered evaluation outputs to the CPU every N batches (None or 1: every batch, which keeps device
+    memory flat; larger N means fewer transfers)."""
+    ddp_find_unused_parameters: Optional[bool] = None
+    """DDP's find_unused_parameters (None: false, as Trainer for models without unused parameters)."""
     on_nonfinite: NonFinitePolicy = "stop"
     """A NaN/inf loss or gradient norm (on any rank): `stop` ends the run naming the step, keeping the last good
     checkpoint; `skip` drops that update and stops after max_skipped_updates. (fp16 overflow is the grad
@@ -269,6 +319,28 @@ class TrainingArguments:
     def _check_ranges(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _require(self, name, getattr(self, name) >= 1, ">= 1")
+        _require(self, "label_smoothing_factor", 0 <= self.label_smoothing_factor < 1, "in [0, 1)")
+        _require(self, "eval_accumulation_steps",
+                 self.eval_accumulation_steps is None or self.eval_accumulation_steps >= 1, ">= 1 (or unset)")
+        if isinstance(self.lr_scheduler_kwargs, str):  # JSON from the command line
+            try:
+                self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
+            except ValueError:
+                raise ConfigError(f"lr_scheduler_kwargs={self.lr_scheduler_kwargs!r} is not JSON: write it as "
+                                  f"'{{\"num_cycles\": 2}}'.") from None
+        if self.lr_scheduler_kwargs is not None and not isinstance(self.lr_scheduler_kwargs, dict):
+            raise ConfigError(f"lr_scheduler_kwargs={self.lr_scheduler_kwargs!r} must be a mapping of argument names "
+                              f"to values.")
+        if self.optim_args:
+            for pair in self.optim_args.replace(" ", "").split(","):
+                if pair.count("=") != 1 or not all(pair.split("=")):
+                    raise ConfigError(f"optim_args={self.optim_args!r}: write key=value pairs separated by commas "
+                                      f"(momentum=0.9,nesterov=true).")
+        if self.lr_scheduler_type == "reduce_lr_on_plateau" and self.eval_strategy == "no":
+            raise ConfigError("lr_scheduler_type=reduce_lr_on_plateau steps on evaluation metrics: set "
+                              "eval_strategy=steps or epoch.")
+        if self.torch_compile_mode is not None:
+            self.torch_compile = True  # as Trainer: a compile mode implies compiling
         _require(self, "learning_rate", self.learning_rate > 0, "> 0")
         _require(self, "adam_epsilon", self.adam_epsilon > 0, "> 0")
         _require(self, "max_skipped_updates", self.max_skipped_updates >= 0, ">= 0")
@@ -339,6 +411,51 @@ class TrainingArguments:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
 
 
+LoraBias = Literal["none", "all", "lora_only"]
+
+
+@dataclass
+class PEFTArguments:
+    """Parameter-efficient fine-tuning: LoRA adapters (peft) instead of training every weight."""
+
+    use_peft: bool = False
+    """Train LoRA adapters (peft) on a frozen pretrained model: checkpoints hold the adapter and its optimizer
+    state only; the export writes `output_dir/adapter/` (and the merged model, see merge_adapters_at_export).
+    Works under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2."""
+    lora_r: int = 8
+    """LoRA rank (>= 1): the adapter of a d x k weight has r x (d + k) parameters."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (>= 1): the adapter's update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.1
+    """Dropout on the adapters' input, in [0, 1)."""
+    lora_target_modules: Optional[str] = None
+    """Module names that get adapters, comma separated (`query,value`), or `all-linear`. Default: peft's choice
+    for the architecture (`query,value` for BERT-family models)."""
+    modules_to_save: Optional[str] = None
+    """Modules trained whole next to the adapters, comma separated (`""` for none). Default: the task head
+    (`classifier`); for MLM only the head modules the checkpoint lacks (an encoder-only checkpoint has no MLM
+    head), never the decoder tied to the embeddings."""
+    lora_bias: LoraBias = "none"
+    """Which biases train (peft's LoraConfig `bias`): none, all biases of the model, or those of the adapted
+    modules; trained biases are saved with the adapter."""
+    merge_adapters_at_export: bool = True
+    """Also export the model with the adapters merged into its weights (`output_dir`, loadable with
+    `from_pretrained` without peft); the adapter alone is always written to `output_dir/adapter/`."""
+
+    def __post_init__(self):
+        for name in ("lora_target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                setattr(self, name, ",".join(value))  # a YAML list means the same names
+        check_types(self)
+        _require(self, "lora_r", self.lora_r >= 1, ">= 1")
+        _require(self, "lora_alpha", self.lora_alpha >= 1, ">= 1")
+        _require(self, "lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)")
+        if self.lora_target_modules is not None and not [n for n in self.lora_target_modules.split(",") if n.strip()]:
+            raise ConfigError("lora_target_modules is empty: give module names (query,value), all-linear, or leave it "
+                              "unset for the architecture's default.")
+
+
 @dataclass
 class Config:
     """The effective configuration of one run."""
@@ -346,18 +463,20 @@ class Config:
     model: ModelArguments = field(default_factory=ModelArguments)
     data: DataArguments = field(default_factory=DataArguments)
     training: TrainingArguments = field(default_factory=TrainingArguments)
+    peft: PEFTArguments = field(default_factory=PEFTArguments)
 
     def __post_init__(self):
         d, t = self.data, self.training
         if d.streaming and t.max_steps <= 0:
             raise ConfigError("streaming=true needs max_steps > 0 (a stream has no known length).")
-        if d.dataset_name is None and d.train_file is None and t.do_train:
-            raise ConfigError("No training data: set dataset_name or train_file.")
+        if d.streaming and t.train_sampling_strategy == "group_by_length":
+            raise ConfigError("train_sampling_strategy=group_by_length needs every example's length up front, "
+                              "which a stream does not have; set streaming=false or train_sampling_strategy=random.")
 
     def to_dict(self) -> dict:
         """Flat dict of every field (what users type), in group order."""
         out: dict = {}
-        for group in (self.model, self.data, self.training):
+        for group in (self.model, self.data, self.training, self.peft):
             out.update(dataclasses.asdict(group))
         return out
 
@@ -367,7 +486,7 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-GROUPS = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments}
+GROUPS = {"model": ModelArguments, "data": DataArguments, "training": TrainingArguments, "peft": PEFTArguments}
 FIELD_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 FIELD_TYPE = {
     f.name: typing.get_type_hints(cls)[f.name] for cls in GROUPS.values() for f in dataclasses.fields(cls)

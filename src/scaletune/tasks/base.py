@@ -16,11 +16,12 @@ for positions that do not count.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from ..losses import CrossEntropy, ItemLoss
+if TYPE_CHECKING:
+    from ..losses import ItemLoss
 
 
 @dataclass
@@ -59,8 +60,11 @@ class Task:
         raise NotImplementedError
 
     def loss(self, cfg) -> ItemLoss:
-        """The training and evaluation loss (default: cross-entropy over labels, -100 ignored)."""
-        return CrossEntropy()
+        """The training and evaluation loss (default: cross-entropy over labels, -100 ignored, with the
+        configured label smoothing)."""
+        from ..losses import CrossEntropy  # torch: not imported by the config checks that read task names
+
+        return CrossEntropy(label_smoothing=cfg.training.label_smoothing_factor)
 
     def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
         """Batch collator (dynamic padding; MLM masking)."""

@@ -357,7 +357,7 @@ class ClassificationTask(Task):
 
     @_delegated
     def loss(self, cfg) -> ItemLoss:
-        return CrossEntropy()
+        return CrossEntropy(label_smoothing=cfg.training.label_smoothing_factor)
 
     @_delegated
     def collator(self, tokenizer, cfg, for_training: bool):

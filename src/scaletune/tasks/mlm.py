@@ -22,6 +22,7 @@ every evaluation, so successive `eval_loss` values are comparable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -32,13 +33,14 @@ from itertools import chain
 from typing import Any, Callable, Optional
 
 import numpy as np
-import torch
-from transformers import AutoConfig, AutoModelForMaskedLM, DataCollatorForLanguageModeling
-from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 from ..assets import model_path
 from ..config import ConfigError
+from ..losses import SparseTokenCrossEntropy
 from .base import PreparedData, Task
+
+# torch and transformers are imported where they are used: train.preflight imports this module (for
+# metric_names) before torch is imported, so that a bad config fails in well under a second.
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +152,38 @@ def perplexity(loss: float) -> float:
 
 # --------------------------------------------------------------------------- collator
 
+LABEL_POSITIONS = "mlm_label_positions"
+"""Batch key of the flat row-major indices of the labelled positions: read (and removed from the forward's
+inputs) by the model's `SparseHead`."""
 
-@dataclass
-class ContentSeededMLMCollator(DataCollatorForLanguageModeling):
+
+def __getattr__(name: str):
+    # The collator subclasses a transformers class: it is defined on first use, not at import (see the
+    # note on imports above). `from scaletune.tasks.mlm import ContentSeededMLMCollator` and pickling (for
+    # dataloader workers) both resolve it through here.
+    if name == "ContentSeededMLMCollator":
+        return _collator_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _collator_class():
+    from transformers import DataCollatorForLanguageModeling
+
+    @dataclass
+    class ContentSeededMLMCollator(_ContentSeededMasking, DataCollatorForLanguageModeling):
+        __doc__ = _ContentSeededMasking.__doc__
+
+        epoch: int = 0
+        salt: int = TRAIN_SALT
+        label_positions: bool = False
+        """Also emit LABEL_POSITIONS, for a model whose head projects only the labelled positions."""
+
+    ContentSeededMLMCollator.__qualname__ = "ContentSeededMLMCollator"  # pickled by name, found by __getattr__
+    return ContentSeededMLMCollator
+
+
+class _ContentSeededMasking:
     """`DataCollatorForLanguageModeling` (padding, 80/10/10 masking, special tokens never masked) whose
     randomness comes from `example_seed` per example instead of one stream per batch.
 
@@ -160,14 +191,14 @@ class ContentSeededMLMCollator(DataCollatorForLanguageModeling):
     on what else is in the batch or how long the batch is padded.
     """
 
-    epoch: int = 0
-    salt: int = TRAIN_SALT
-
     def set_epoch(self, epoch: int) -> None:
         """Re-draw the training masks each epoch (dynamic masking); the loop calls this before an epoch."""
         self.epoch = int(epoch)
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+        from transformers.data.data_collator import pad_without_fast_tokenizer_warning
+
         if not isinstance(examples[0], Mapping) or "input_ids" not in examples[0]:
             raise TypeError("ContentSeededMLMCollator expects dict examples with input_ids.")
         ids = [list(e["input_ids"]) for e in examples]
@@ -191,6 +222,9 @@ class ContentSeededMLMCollator(DataCollatorForLanguageModeling):
             labels[i, cols] = row_labels[0]
         batch["input_ids"] = inputs
         batch["labels"] = labels
+        if self.label_positions:
+            # Computed here, on the host, so the device never has to report how many positions there are.
+            batch[LABEL_POSITIONS] = (labels.reshape(-1) != -100).nonzero().reshape(-1)
         return batch
 
 
@@ -218,6 +252,8 @@ def _is_stream(ds) -> bool:
 
 
 def _model_config(cfg):
+    from transformers import AutoConfig
+
     m = cfg.model
     return AutoConfig.from_pretrained(
         model_path(m.config_name or m.model_name_or_path), cache_dir=m.cache_dir, revision=m.model_revision,
@@ -230,6 +266,15 @@ class MaskedLMTask(Task):
 
     name = "mlm"
     metric_names = ("loss", "perplexity", "accuracy")
+    sparse_logits = True
+    """Project only the labelled positions onto the vocabulary (`SparseHead`). False gives full B x T x V
+    logits, the path before; benchmarks/mlm_sparse_logits.py times both."""
+
+    def __init__(self):
+        # Set once this task has built a model with a SparseHead: from then on its collators emit the label
+        # positions that head reads. A collator of a task that built no such model (handed to
+        # transformers.Trainer, say) stays the plain one.
+        self._sparse_head_built = False
 
     # ----------------------------------------------------------------- data
 
@@ -294,6 +339,8 @@ class MaskedLMTask(Task):
     # ----------------------------------------------------------------- model
 
     def build_model(self, cfg, prepared: PreparedData, tokenizer):
+        from transformers import AutoModelForMaskedLM
+
         m = cfg.model
         model, loading = AutoModelForMaskedLM.from_pretrained(
             model_path(m.model_name_or_path), config=_model_config(cfg), cache_dir=m.cache_dir,
@@ -307,16 +354,23 @@ class MaskedLMTask(Task):
                            "expect a high starting loss that falls as the head is learned.",
                            m.model_name_or_path, len(new_head), new_head[0])
         resize_token_embeddings(model, len(tokenizer))
+        # After the resize, which may replace the output projection the head hooks into.
+        if self.sparse_logits and SparseHead.install(model) is not None:
+            self._sparse_head_built = True
         return model
+
+    def loss(self, cfg):
+        # Takes the labelled positions' logits from a SparseHead model, and full logits from any other.
+        return SparseTokenCrossEntropy()
 
     def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
         d, t = cfg.data, cfg.training
         pad_to = d.pad_to_multiple_of
         if pad_to is None and d.line_by_line and (t.fp16 or t.bf16):
             pad_to = 8  # run_mlm.py's default for padded lines under mixed precision (tensor cores)
-        return ContentSeededMLMCollator(
+        return _collator_class()(
             tokenizer=tokenizer, mlm_probability=d.mlm_probability, pad_to_multiple_of=pad_to,
-            seed=t.seed, salt=TRAIN_SALT if for_training else EVAL_SALT,
+            seed=t.seed, salt=TRAIN_SALT if for_training else EVAL_SALT, label_positions=self._sparse_head_built,
         )
 
     # ----------------------------------------------------------------- metrics and outputs
@@ -325,6 +379,10 @@ class MaskedLMTask(Task):
         # Gather token ids, not a (batch, length, vocab) float tensor.
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
+        if labels is not None and logits.dim() == labels.dim():  # a SparseHead's N_labelled x V logits
+            # Back to batch x length (-100 where unlabelled), the shape evaluation pads and gathers per sample.
+            predictions = labels.new_full(labels.shape, -100)
+            return predictions.masked_scatter_(labels != -100, logits.argmax(dim=-1))
         return logits.argmax(dim=-1)
 
     def compute_metrics(self, predictions: np.ndarray, label_ids: np.ndarray) -> dict:
@@ -338,6 +396,66 @@ class MaskedLMTask(Task):
         test_perplexity, test_accuracy). Argmax ids at randomly masked positions are not a useful file;
         use the exported model in a `fill-mask` pipeline to get predictions for given texts."""
         return None
+
+
+class SparseHead:
+    """Makes a masked-LM head project only the labelled positions onto the vocabulary.
+
+    Training and evaluation need logits only where labels != -100 (~15% of the tokens), but the head's
+    vocabulary projection (hidden x 30,522 for BERT) runs on every position: for MiniLM that costs more FLOPs
+    than the whole encoder. Installed as hooks, not as a replacement module, so the parameters, their names and
+    `save_pretrained` are untouched: the exported model is a plain `*ForMaskedLM` for a fill-mask pipeline.
+
+    * a forward pre-hook on the model takes LABEL_POSITIONS (flat row-major indices, from the collator) out of
+      the inputs, since the loop strips `labels` before the forward;
+    * a forward pre-hook on the head gathers those positions' hidden states (B x T x H -> N x H), so its
+      logits are N x V, in row-major order (`losses.SparseTokenCrossEntropy` reads them so);
+    * without LABEL_POSITIONS in the inputs the model computes full logits, as before.
+
+    The hooks sit on the inner model, so calls through DDP / DeepSpeed / torch.compile wrappers (which must
+    keep calling the wrapper's forward for gradient sync) reach them.
+    """
+
+    def __init__(self):
+        self.positions = None
+
+    @classmethod
+    def install(cls, model) -> Optional["SparseHead"]:
+        """Hooks `model`'s vocabulary head; None (nothing installed) when no position-wise head is found."""
+        head = vocabulary_head(model)
+        if head is None:
+            return None
+        hooks = cls()
+        model.register_forward_pre_hook(hooks.take_positions, with_kwargs=True)
+        model.register_forward_hook(hooks.forget_positions, always_call=True)
+        head.register_forward_pre_hook(hooks.gather)
+        return hooks
+
+    def take_positions(self, module, args, kwargs):
+        self.positions = kwargs.get(LABEL_POSITIONS)
+        return args, {k: v for k, v in kwargs.items() if k != LABEL_POSITIONS}
+
+    def forget_positions(self, module, args, output):
+        self.positions = None  # also after an exception: a later plain forward must get full logits
+
+    def gather(self, module, args):
+        if self.positions is None:
+            return None
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions), *args[1:])
+
+
+def vocabulary_head(model):
+    """The module mapping the final hidden states, position by position, to vocabulary logits: BERT's
+    `cls.predictions` (transform + decoder), RoBERTa's `lm_head`, else the output projection itself."""
+    predictions = getattr(getattr(model, "cls", None), "predictions", None)
+    if predictions is not None and hasattr(predictions, "decoder"):
+        return predictions
+    lm_head = getattr(model, "lm_head", None)
+    output = model.get_output_embeddings()
+    if lm_head is not None and output is not None and getattr(lm_head, "decoder", None) is output:
+        return lm_head
+    return output
 
 
 def untrained_head_weights(missing_keys, base_model_prefix: str) -> list[str]:

@@ -1,0 +1,97 @@
+"""Masked-LM step time: vocabulary logits at the labelled positions only vs at every position.
+
+    python benchmarks/mlm_sparse_logits.py [--steps 30] [--batch 16] [--seq 128] [--repeats 3]
+    python benchmarks/mlm_sparse_logits.py --tiny          # seconds: a 2-layer BERT, CI's smoke run
+
+The same scaletune masked-LM job (pretrained MiniLM continuing MLM on BBC News, blocks of `--seq` tokens,
+15% masked) runs twice per repeat, each in its own process, alternating:
+
+* full: the head projects every position onto the 30,522-token vocabulary (`MaskedLMTask.sparse_logits =
+  False`, the path before issue #14), and the loss reads the labelled positions out of B x T x V logits;
+* sparse: the head gathers the ~15% labelled positions' hidden states first (`tasks/mlm.py` SparseHead),
+  so its logits are N x V.
+
+Same data, masks, dropout stream and optimizer on both sides, so the logged per-step losses must agree to
+float rounding. Timed by the one clock of benchmarks/common.py (first `--warmup` updates dropped). Prints the
+median ms/update per side, the ratio sparse/full (< 1: faster) and the largest relative loss difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import alternate, gaps, machine, median, other_load, step_clock, tiny_bert
+
+SIDES = ("full", "sparse")
+
+
+def one_side(args, side: str) -> dict:
+    from scaletune.tasks.mlm import MaskedLMTask
+    from scaletune.train import run
+
+    MaskedLMTask.sparse_logits = side == "sparse"
+    try:
+        with tempfile.TemporaryDirectory() as out, step_clock() as stamps:
+            result = run(dict(task="mlm", model_name_or_path=args.model, dataset_name="packaged:bbc_news",
+                              max_seq_length=args.seq, per_device_train_batch_size=args.batch,
+                              per_device_eval_batch_size=args.batch, max_train_samples=args.steps * args.batch,
+                              max_eval_samples=args.batch * 2, learning_rate=2e-4, max_steps=args.steps,
+                              output_dir=out, save_strategy="no", eval_strategy="no", do_eval=True,
+                              do_predict=False, logging_steps=1, disable_tqdm=True, report_to="none", seed=42))
+            times = gaps(stamps)
+    finally:
+        MaskedLMTask.sparse_logits = True
+    losses = [e["loss"] for e in result.log_history if "loss" in e]
+    return {"times": times, "losses": losses, "eval_loss": result.metrics["eval_loss"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="packaged:minilm")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 8 steps, in one process: a smoke run")
+    p.add_argument("--side", choices=SIDES)
+    args = p.parse_args()
+    if args.side:
+        print(json.dumps(one_side(args, args.side)))
+        return
+    if args.tiny:
+        args.model = tiny_bert(Path(tempfile.gettempdir()) / "scaletune_bench_tiny_bert_mlm", mlm=True)
+        args.steps, args.batch, args.seq, args.warmup, args.repeats = 8, 8, 64, 2, 1
+    load_before = other_load()
+    results = alternate(__file__, list(SIDES), args.repeats,
+                        ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+                         "--model", args.model],
+                        in_process=(lambda name: one_side(args, name)) if args.tiny else None)
+    print(f"machine: {machine()}")
+    print(f"load before: {load_before}")
+    print(f"load after:  {other_load()}")
+    print(f"job: {args.model} masked-LM on BBC News, batch {args.batch}, blocks of {args.seq} tokens, "
+          f"{args.steps} updates x {args.repeats} repeats per side, first {args.warmup} of each process dropped")
+    med = {}
+    for side, runs in results.items():
+        times = [t for r in runs for t in r["times"][args.warmup:]]
+        med[side] = median(times)
+        per_repeat = ", ".join(f"{median(r['times'][args.warmup:]) * 1000:.1f}" for r in runs)
+        print(f"  {side:7s} {med[side] * 1000:8.1f} ms/update  ({len(times)} updates; per-repeat medians "
+              f"{per_repeat} ms)  final train loss {runs[0]['losses'][-1]:.6f}  eval loss {runs[0]['eval_loss']:.6f}")
+    worst = max(abs(a - b) / abs(b) for f, s in zip(results["full"], results["sparse"])
+                for a, b in zip(s["losses"], f["losses"]))
+    eval_diff = max(abs(s["eval_loss"] - f["eval_loss"]) / abs(f["eval_loss"])
+                    for f, s in zip(results["full"], results["sparse"]))
+    print(f"ratio sparse/full ms/update: {med['sparse'] / med['full']:.3f}")
+    print(f"largest relative difference of the per-step train loss: {worst:.2e}; of the eval loss: {eval_diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The exported model's README.md, as Trainer's `create_model_card` writes it, so the folder can be shared as is.
+
+Built with transformers' own `TrainingSummary` (the code behind `Trainer.create_model_card`): base model,
+data, hyperparameters, final metrics and a table of the evaluation history; scaletune adds the best metric
+and its step, and how the run stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+
+def hyperparameters(cfg, world_size: int) -> dict:
+    """The hyperparameters Trainer's card lists, under its names."""
+    t = cfg.training
+    out = {
+        "learning_rate": t.learning_rate,
+        "train_batch_size": t.per_device_train_batch_size,
+        "eval_batch_size": t.per_device_eval_batch_size,
+        "seed": t.seed,
+        "distributed_type": "multi-process" if world_size > 1 else "single process",
+        "num_devices": world_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "total_train_batch_size": t.global_batch_size(world_size),
+        "optimizer": f"{t.optim} with betas=({t.adam_beta1},{t.adam_beta2}) and epsilon={t.adam_epsilon}",
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "lr_scheduler_warmup_steps": t.warmup_steps,
+        "training_steps" if t.max_steps > 0 else "num_epochs": t.max_steps if t.max_steps > 0 else t.num_train_epochs,
+    }
+    if t.mixed_precision:
+        out["mixed_precision_training"] = t.mixed_precision
+    if t.label_smoothing_factor:
+        out["label_smoothing_factor"] = t.label_smoothing_factor
+    return out
+
+
+def write_model_card(folder: str | Path, cfg, model, log_history: list, world_size: int, best_metric: Optional[float],
+                     best_step: Optional[int], stop_reason: str) -> Path:
+    from transformers.modelcard import TrainingSummary, parse_log_history
+
+    m, d = cfg.model, cfg.data
+    finetuned_from = getattr(model.config, "_name_or_path", None) or m.model_name_or_path
+    dataset = d.dataset_name or d.train_file
+    # Trainer's parser starts the table at its end-of-training summary entry (train_runtime); ours has none.
+    _, eval_lines, eval_results = parse_log_history([*log_history, {"train_runtime": None}])
+    summary = TrainingSummary(
+        model_name=Path(cfg.training.output_dir).resolve().name, tags=["scaletune", "generated_from_trainer"],
+        finetuned_from=finetuned_from, tasks=_card_task(d.task), dataset=dataset, eval_results=eval_results or None,
+        eval_lines=eval_lines, hyperparameters=hyperparameters(cfg, world_size), source="trainer")
+    card = summary.to_model_card().replace("generated automatically by the Trainer",
+                                           "generated automatically by scaletune")
+    if best_metric is not None:
+        metric = cfg.training.metric_for_best_model or "loss"
+        card += (f"\n### Best checkpoint\n\n- {metric}: {best_metric:.4g} at step {best_step}"
+                 f"{' (its weights are these)' if cfg.training.load_best_model_at_end else ''}\n"
+                 f"- training stopped by: {stop_reason.replace('_', ' ')}\n")
+    path = Path(folder) / "README.md"
+    path.write_text(card)
+    return path
+
+
+def _card_task(task: str) -> Optional[str]:
+    # The Hub's pipeline tags for what the exported model does.
+    return {"classification": "text-classification", "regression": "text-classification",
+            "multilabel": "text-classification", "mlm": "fill-mask", "token_classification": "token-classification",
+            "clm": "text-generation"}.get(task)
