@@ -74,7 +74,9 @@ def job(args, case: Case, out: str) -> dict:
                    per_device_train_batch_size=case.batch, learning_rate=5e-5,
                    max_steps=args.steps + args.warmup + 1, output_dir=out, save_strategy="no", eval_strategy="no",
                    do_eval=False, do_predict=False, logging_steps=50, disable_tqdm=True, report_to="none", seed=0,
-                   bf16=case.precision == "bf16", fp16=case.precision == "fp16"), **case.options}
+                   bf16=case.precision == "bf16", fp16=case.precision == "fp16",
+                   max_train_samples=case.batch * (args.steps + args.warmup + 2) if args.tiny else None),
+            **case.options}
 
 
 def train_split(args, case: Case, out: str):

@@ -43,7 +43,7 @@ def one_side(args, strategy: str) -> dict:
                           train_sampling_strategy=strategy, output_dir=out, save_strategy="no",
                           eval_strategy="no", do_eval=True, do_predict=False, logging_steps=args.steps,
                           disable_tqdm=True, report_to="none", seed=42,
-                          max_eval_samples=args.eval_samples))
+                          max_eval_samples=args.eval_samples, max_train_samples=args.train_samples))
         times = gaps(stamps)
     return {"times": times, "batches": batches[:args.steps], "accuracy": result.metrics["eval_accuracy"]}
 
@@ -56,8 +56,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--eval_samples", type=int, default=None)
+    p.add_argument("--train_samples", type=int, default=None)
     p.add_argument("--model", default="packaged:minilm")
-    p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 12 steps, in one process: a smoke run")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 10 steps, in one process: a smoke run")
     p.add_argument("--side", choices=SIDES)
     args = p.parse_args()
     if args.side:
@@ -65,10 +66,11 @@ def main():
         return
     if args.tiny:
         args.model = tiny_bert(Path(tempfile.gettempdir()) / "scaletune_bench_tiny_bert_5", num_labels=5)
-        args.steps, args.seq, args.warmup, args.eval_samples = 12, 256, 2, 32
+        args.steps, args.seq, args.warmup, args.eval_samples, args.train_samples = 10, 128, 1, 16, 128
     load_before = other_load()
     child_args = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--model",
-                  args.model] + (["--eval_samples", str(args.eval_samples)] if args.eval_samples else [])
+                  args.model] + (["--eval_samples", str(args.eval_samples)] if args.eval_samples else []) + (
+                     ["--train_samples", str(args.train_samples)] if args.train_samples else [])
     results = alternate(__file__, list(SIDES), args.repeats, child_args,
                         in_process=(lambda name: one_side(args, name)) if args.tiny else None)
     print(f"machine: {machine()}")

@@ -38,7 +38,8 @@ def one_side(args, side: str) -> dict:
     MaskedLMTask.sparse_logits = side == "sparse"
     try:
         with tempfile.TemporaryDirectory() as out, step_clock() as stamps:
-            result = run(dict(task="mlm", model_name_or_path=args.model, dataset_name="packaged:bbc_news",
+            data = {"train_file": args.train_file} if args.train_file else {"dataset_name": "packaged:bbc_news"}
+            result = run(dict(task="mlm", model_name_or_path=args.model, **data, validation_split_percentage=10,
                               max_seq_length=args.seq, per_device_train_batch_size=args.batch,
                               per_device_eval_batch_size=args.batch, max_train_samples=args.steps * args.batch,
                               max_eval_samples=args.batch * 2, learning_rate=2e-4, max_steps=args.steps,
@@ -51,6 +52,16 @@ def one_side(args, side: str) -> dict:
     return {"times": times, "losses": losses, "eval_loss": result.metrics["eval_loss"]}
 
 
+def tiny_text(path: Path) -> str:
+    """A few hundred lines of words, enough for the tiny run's blocks (BBC News takes seconds to tokenize)."""
+    import random
+
+    rng = random.Random(0)
+    words = "the market film match election phone team music shares court season album vote player".split()
+    path.write_text("\n".join(" ".join(rng.choices(words, k=rng.randint(8, 40))) for _ in range(400)) + "\n")
+    return str(path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=30)
@@ -59,7 +70,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model", default="packaged:minilm")
-    p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 8 steps, in one process: a smoke run")
+    p.add_argument("--train_file", default=None, help="a text file instead of BBC News")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 6 steps, in one process: a smoke run")
     p.add_argument("--side", choices=SIDES)
     args = p.parse_args()
     if args.side:
@@ -67,11 +79,12 @@ def main():
         return
     if args.tiny:
         args.model = tiny_bert(Path(tempfile.gettempdir()) / "scaletune_bench_tiny_bert_mlm", mlm=True)
-        args.steps, args.batch, args.seq, args.warmup, args.repeats = 8, 8, 64, 2, 1
+        args.steps, args.batch, args.seq, args.warmup, args.repeats = 6, 4, 32, 1, 1
+        args.train_file = tiny_text(Path(tempfile.gettempdir()) / "scaletune_bench_tiny_mlm.txt")
     load_before = other_load()
     results = alternate(__file__, list(SIDES), args.repeats,
                         ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-                         "--model", args.model],
+                         "--model", args.model] + (["--train_file", args.train_file] if args.train_file else []),
                         in_process=(lambda name: one_side(args, name)) if args.tiny else None)
     print(f"machine: {machine()}")
     print(f"load before: {load_before}")

@@ -138,7 +138,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--model", default="packaged:minilm")
-    p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 8 steps, 1 repeat: a smoke run")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 6 steps, in one process: a smoke run")
     p.add_argument("--side", choices=SIDES)
     args = p.parse_args()
     if args.side:
@@ -146,7 +146,7 @@ def main():
         return
     if args.tiny:
         args.model = tiny_bert(Path(tempfile.gettempdir()) / "scaletune_bench_tiny_bert")
-        args.steps, args.batch, args.seq, args.warmup, args.repeats = 8, 8, 64, 2, 1
+        args.steps, args.batch, args.seq, args.warmup, args.repeats = 6, 8, 64, 1, 1
     load_before = other_load()
     results = alternate(__file__, list(SIDES), args.repeats,
                         ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),

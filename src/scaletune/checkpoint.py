@@ -92,13 +92,21 @@ def _files(folder: Path) -> list[Path]:
                   and not p.name.endswith(".tmp"))
 
 
-def write_manifest(folder: Path) -> None:
-    """Every file's size and SHA-256, fsynced with the files themselves, before the folder is marked complete."""
+def file_entry(path: Path) -> dict:
+    """A file's manifest entry, after it is fsynced: on disk before the rename that publishes it."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def write_manifest(folder: Path, known: Optional[dict] = None) -> None:
+    """Every file's size and SHA-256 (`known`: entries a background writer already computed), before the
+    folder is marked complete."""
+    known = known or {}
     entries = {}
     for p in _files(folder):
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())  # data on disk before the rename that publishes it
-        entries[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        name = str(p.relative_to(folder))
+        entries[name] = known[name] if name in known else file_entry(p)
     tmp = folder / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps({"files": entries}, indent=1))
     os.replace(tmp, folder / MANIFEST_FILE)
@@ -185,18 +193,23 @@ def save_checkpoint(accelerator, folder: Path, state: TrainingState, model, toke
         raise out_of_space(failed, partial) if failed is not None else CheckpointError(
             f"Another process failed while writing {str(partial)!r}; see its error above.")
     if accelerator.is_main_process:
-        try:
-            write_manifest(partial)
-            write_trainer_state(partial, state)  # written last: marks the checkpoint complete
-            fsync_dir(partial)
-        except OSError as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise out_of_space(e, partial) from None
-        if folder.exists():  # the same step saved again (e.g. after a resume): replace it atomically
-            remove_folder(folder)
-        partial.rename(folder)
-        fsync_dir(folder.parent)
+        complete(partial, folder, state)
     accelerator.wait_for_everyone()
+
+
+def complete(partial: Path, folder: Path, state: TrainingState, known: Optional[dict] = None) -> None:
+    """Main process, once every rank's files are on disk: manifest, trainer_state.json last, fsync, rename."""
+    try:
+        write_manifest(partial, known)
+        write_trainer_state(partial, state)  # written last: marks the checkpoint complete
+        fsync_dir(partial)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise out_of_space(e, partial) from None
+    if folder.exists():  # the same step saved again (e.g. after a resume): replace it atomically
+        remove_folder(folder)
+    partial.rename(folder)
+    fsync_dir(folder.parent)
 
 
 def load_checkpoint(accelerator, path: str | Path, model=None) -> TrainingState:

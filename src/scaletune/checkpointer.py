@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedTokenizerBase
 
+    from .background_save import BackgroundSave
     from .config import TrainingArguments
 
 LOCK_FILE = ".scaletune.lock"
@@ -61,6 +62,8 @@ def preflight(args: TrainingArguments, env: Mapping[str, str] = os.environ) -> O
     if env.get("RANK", "0") == "0":
         acquire_lock(root, env)
     resume = resolve_resume(root, args.resume_from_checkpoint)
+    if resume is not None:
+        adapt_to_world_size(resume, args, int(env.get("WORLD_SIZE", "1")), env)
     existing = checkpoint.list_checkpoints(root)
     if existing and resume is None and not args.overwrite_output_dir:
         names = ", ".join(p.name for p in existing.values())
@@ -111,6 +114,42 @@ def resolve_resume(root: Path, resume_from_checkpoint: Optional[str]) -> Optiona
     return path
 
 
+def rescaled_accumulation(accumulation: int, saved_world: int, world: int) -> Optional[int]:
+    """Pure: the accumulation that keeps the global batch (per-device batch x accumulation x processes) when a
+    run saved on `saved_world` processes resumes on `world`; None when no whole number does."""
+    total = accumulation * saved_world
+    return total // world if total % world == 0 else None
+
+
+def adapt_to_world_size(path: Path, args: TrainingArguments, world: int, env: Mapping[str, str]) -> None:
+    """Resume on another number of processes (DDP): the data position is a number of samples of the global
+    order (a function of data_seed and epoch), so it carries over; the global batch is kept by rescaling
+    gradient_accumulation_steps, said aloud. Anything that cannot be carried over exactly is an error."""
+    state = checkpoint.read_trainer_state(path)
+    saved = state.world_size
+    if saved == world:
+        return
+    where = f"{path.name} was written by {saved} process(es) and this run has {world}"
+    from .distributed import deepspeed_requested
+
+    if deepspeed_requested(env) or env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise CheckpointError(f"{where}: DeepSpeed and FSDP checkpoints are sharded per process, so resume them on "
+                              f"{saved} process(es) (resuming on another count works for DDP).")
+    accumulation = rescaled_accumulation(args.gradient_accumulation_steps, saved, world)
+    if accumulation is None:
+        raise CheckpointError(
+            f"{where}: keeping its global batch needs gradient_accumulation_steps x {saved} / {world} to be a whole "
+            f"number, and gradient_accumulation_steps is {args.gradient_accumulation_steps}; resume on a process "
+            f"count that divides {args.gradient_accumulation_steps * saved}.")
+    if (state.batches_in_epoch * saved) % world:
+        raise CheckpointError(f"{where}: its position ({state.batches_in_epoch} batches into the epoch on each of "
+                              f"{saved} processes) is not a whole number of batches on {world}; resume on {saved}.")
+    if accumulation != args.gradient_accumulation_steps:
+        _say(f"{where}: gradient_accumulation_steps {args.gradient_accumulation_steps} -> {accumulation} keeps "
+             f"the global batch of the checkpoint's run.")
+        args.gradient_accumulation_steps = accumulation
+
+
 def config_differences(saved: Mapping, current: Mapping) -> tuple[list[str], list[str]]:
     """Pure: (keys whose change breaks an exact resume, keys that may change), each as 'key: old -> new'."""
     breaking, allowed = [], []
@@ -124,17 +163,18 @@ def config_differences(saved: Mapping, current: Mapping) -> tuple[list[str], lis
 
 def check_resume_compatible(path: Path, config: Mapping, world_size: int) -> None:
     """Before the model loads (after the data is read, so a data error is reported as such): the checkpoint
-    continues exactly only with the same process count and the same data-defining settings (§16)."""
+    continues exactly only with the same data-defining settings and global batch (§16). A different process
+    count was adapted to in `preflight` (accumulation rescaled); here it must match that adaptation."""
     state = checkpoint.read_trainer_state(path)
-    if state.world_size != world_size:
-        raise CheckpointError(
-            f"{path.name} was written by {state.world_size} process(es) and this run has {world_size}: the data "
-            f"position is per process, so resume with {state.world_size} process(es) (resuming on another process "
-            f"count is not supported yet).")
+    accumulation = config.get("gradient_accumulation_steps")
     saved_file = path / checkpoint.CONFIG_FILE
     if not saved_file.is_file():
         return  # written by v0.1, which stored no config in checkpoints
-    breaking, allowed = config_differences(yaml.safe_load(saved_file.read_text()) or {}, config)
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    if state.world_size != world_size and accumulation == rescaled_accumulation(
+            saved.get("gradient_accumulation_steps", accumulation), state.world_size, world_size):
+        saved = {**saved, "gradient_accumulation_steps": accumulation}  # the same global batch, on another count
+    breaking, allowed = config_differences(saved, config)
     if breaking:
         raise CheckpointError(f"Cannot resume {path.name} exactly: " + "; ".join(breaking) + ". Use the "
                               f"checkpoint's values (its config.yaml), or start a new run in another output_dir.")
@@ -209,6 +249,18 @@ class Checkpointer:
         self.model = model
         self.tokenizer = tokenizer
         self.config_yaml = config_yaml
+        self.pending: Optional[BackgroundSave] = None
+        self.pending_rotation: tuple[int, Optional[int]] = (0, None)
+        # DeepSpeed, FSDP and LoRA checkpoints are written by their engines' own (collective) code: synchronous.
+        from . import lora
+        from .distributed import is_deepspeed, is_fsdp
+
+        engine_saves = is_deepspeed(accelerator) or is_fsdp(accelerator) or lora.is_peft(accelerator.unwrap_model(model))
+        if args.save_only_model and engine_saves:
+            raise CheckpointError("save_only_model works with DDP and single-process runs; DeepSpeed, FSDP and LoRA "
+                                  "checkpoints need their optimizer state: unset save_only_model.")
+        # save_only_model uses the background writer's model-only form even when writing in the foreground.
+        self.background = (args.save_in_background or args.save_only_model) and not engine_saves
 
     def start_fresh(self) -> None:
         """overwrite_output_dir: the earlier run's checkpoints go before this run's first save, so a later
@@ -220,19 +272,62 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
 
     def save(self, state: TrainingState) -> None:
+        """Write the checkpoint of this step: in the background where possible (training stalls only while the
+        state is copied to host memory), after the previous background save is complete."""
         step = state.global_step
         if state.best_global_step == step:
             state.best_checkpoint_step = step
         state.world_size = self.accelerator.num_processes
-        checkpoint.save_checkpoint(self.accelerator, checkpoint.checkpoint_path(self.root, step), state,
-                                   self.model, self.tokenizer, self.config_yaml)
+        self.flush()
+        folder = checkpoint.checkpoint_path(self.root, step)
+        if self.background:
+            from .background_save import BackgroundSave  # torch: not imported by preflight
+
+            self.pending = BackgroundSave(self.accelerator, folder, state, self._write_extras,
+                                          model_only=self.args.save_only_model)
+            self.pending_rotation = (step, state.best_checkpoint_step)
+            return
+        checkpoint.save_checkpoint(self.accelerator, folder, state, self.model, self.tokenizer, self.config_yaml)
+        self._rotate(step, state.best_checkpoint_step)
+
+    def flush(self) -> None:
+        """Collective: complete the background save in flight, if any (before the next save, the best-model
+        reload, the export, and before a preempted or failed run exits)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        pending.finish()
+        self._rotate(*self.pending_rotation)
+
+    def _rotate(self, step: int, best_step: Optional[int]) -> None:
         steps = list(checkpoint.list_checkpoints(self.root))
         checkpoint.delete_checkpoints(self.accelerator, self.root, schedule.checkpoints_to_delete(
-            steps, self.args.save_total_limit, state.best_checkpoint_step, step))
+            steps, self.args.save_total_limit, best_step, step))
         self.accelerator.wait_for_everyone()
 
+    def _write_extras(self, folder: Path) -> None:
+        """Main process, in the writer thread: what makes the folder a `from_pretrained` model and a resumable
+        run besides the tensors."""
+        self.accelerator.unwrap_model(self.model).config.save_pretrained(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        (folder / checkpoint.CONFIG_FILE).write_text(self.config_yaml)
+
     def load(self, path: Path) -> TrainingState:
-        return checkpoint.load_checkpoint(self.accelerator, path)
+        if self.background and not (path / "optimizer.bin").is_file() and (path / "model.safetensors").is_file():
+            raise CheckpointError(f"{path.name} holds the model only (saved with save_only_model): it has no optimizer, "
+                                  f"scheduler or RNG state to resume from. Start a new run from its weights "
+                                  f"(--model_name_or_path {path}).")
+        state = checkpoint.load_checkpoint(self.accelerator, path)
+        world = self.accelerator.num_processes
+        if state.world_size != world:
+            # The same samples of the global order were consumed: batch k of rank r is global batch k*world+r.
+            state.batches_in_epoch = state.batches_in_epoch * state.world_size // world
+            if world > state.world_size:
+                self.accelerator.print(f"scaletune: processes {state.world_size}..{world - 1} start with a fresh "
+                                       f"random state (the checkpoint has {state.world_size}).")
+            state.world_size = world
+        return state
 
     def latest_name(self) -> Optional[str]:
         steps = checkpoint.list_checkpoints(self.root)
@@ -244,6 +339,7 @@ class Checkpointer:
 
     def reload_best(self, state: TrainingState) -> None:
         """load_best_model_at_end: the best weights (not optimizer state), then the final rotation (§11)."""
+        self.flush()
         best = self.best_path(state)
         if not self.args.load_best_model_at_end or best is None:
             return

@@ -285,6 +285,11 @@ def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and plugin.cpu_offload.pin_memory:
+        # Pinned host memory is for copies to a GPU and needs one; on CPU the shards stay where they are.
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
     if accelerator.state.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.state.mixed_precision)
 
@@ -292,8 +297,10 @@ def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
 def configure_model(model, training):
     """Memory knobs applied to the model before `prepare` (and FSDP2's layer choice). Returns the model."""
     plugin = _active_fsdp_plugin()
-    if plugin is not None and plugin.transformer_cls_names_to_wrap is None:
-        plugin.transformer_cls_names_to_wrap = fsdp_layers_to_wrap(model)
+    if plugin is not None:
+        check_fsdp_ties(model)
+        if plugin.transformer_cls_names_to_wrap is None:
+            plugin.transformer_cls_names_to_wrap = fsdp_layers_to_wrap(model)
     if training.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"gradient_checkpointing=true, but {type(model).__name__} does not support it.")
@@ -331,6 +338,26 @@ def fsdp_layers_to_wrap(model) -> list[str]:
         return names
     holders = {type(m).__name__ for n, m in model.named_modules() if n == "" or path.startswith(n + ".")}
     return [n for n in names if n not in holders]
+
+
+def check_fsdp_ties(model) -> None:
+    """accelerate 1.15 gives the input and output embeddings their own FSDP2 unit; a parameter tied to one of
+    theirs but registered on another module (BERT's and RoBERTa's MLM output bias: `cls.predictions.bias` is
+    `cls.predictions.decoder.bias`) then lands in two units, which `fully_shard` refuses at the first forward.
+    Said before `prepare`, with the way out."""
+    embeddings = [m for m in (getattr(model, "get_input_embeddings", lambda: None)(),
+                              getattr(model, "get_output_embeddings", lambda: None)()) if m is not None]
+    inside = {id(m) for e in embeddings for m in e.modules()}
+    shared = {id(p) for e in embeddings for p in e.parameters()}
+    for owner_name, owner in model.named_modules():
+        if id(owner) in inside:
+            continue
+        for name, p in owner.named_parameters(recurse=False):
+            if id(p) in shared:
+                raise ConfigError(
+                    f"FSDP2 cannot shard {type(model).__name__}: {owner_name}.{name} is tied to a parameter of its "
+                    f"embedding layers, and accelerate puts the two in different FSDP units; train this model with "
+                    f"deepspeed_zero3 (or multi_gpu).")
 
 
 # --------------------------------------------------------------------------- queries for the loop / checkpoint

@@ -62,6 +62,19 @@ class UserParts:
         return any(d is not None for d in (self.train_dataset, self.eval_dataset, self.test_dataset))
 
 
+def _honoured(name: str, value: Any) -> bool:
+    """Non-default values that ask for what scaletune does anyway."""
+    if name == "use_cpu":
+        import torch
+
+        return bool(value) and not torch.cuda.is_available()  # no GPU: CPU it is
+    if name in ("average_tokens_across_devices", "restore_callback_states_from_checkpoint"):
+        return bool(value)  # always on in scaletune (§13, §17)
+    if name in ("disable_tqdm", "logging_dir"):
+        return True
+    return False
+
+
 def _plain(value: Any) -> Any:
     """Enums (IntervalStrategy, SchedulerType, OptimizerNames) -> their string values, for comparison."""
     return getattr(value, "value", value)
@@ -84,7 +97,7 @@ def config_from_training_arguments(args) -> dict:
         value, default = _plain(getattr(args, f.name)), _plain(getattr(defaults, f.name))
         if f.name in FIELD_GROUP:
             out[f.name] = value
-        elif value != default:
+        elif value != default and not _honoured(f.name, value):
             unsupported.append(f"{f.name}={value!r} ({INSTEAD.get(f.name, 'not supported by scaletune')})")
     if unsupported:
         raise ConfigError("TrainingArguments fields scaletune does not support were set: " + "; ".join(unsupported)

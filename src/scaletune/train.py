@@ -18,7 +18,7 @@ from .dropin import UserParts
 
 if TYPE_CHECKING:
     from .evaluation import PredictionOutput
-from .errors import ScaletuneError
+from .errors import NonFiniteError, ScaletuneError
 
 
 @dataclass
@@ -224,7 +224,12 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
         loop = Loop(args=t, data=TrainData(train_dl, accelerator, t.gradient_accumulation_steps, meter),
                     stepper=stepper, evaluator=evaluator if eval_dl is not None else None,
                     checkpointer=checkpointer, tracker=tracker, meter=meter, watcher=watcher)
-        stop_reason = fit(loop, state, plan)
+        try:
+            stop_reason = fit(loop, state, plan)
+        except NonFiniteError:
+            checkpointer.flush()  # a save in flight is of a good step: complete it (every rank agreed to stop)
+            raise
+        checkpointer.flush()
     if stop_reason == "preempted":
         accelerator.print(f"Preempted at step {state.global_step}; checkpoint written. Resume with "
                           f"--resume_from_checkpoint latest.")

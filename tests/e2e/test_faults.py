@@ -430,12 +430,22 @@ def test_resume_with_another_batch_size_is_refused_in_one_line(one_process_run):
     assert tree_digest(out) == before
 
 
-def test_resume_of_a_two_process_checkpoint_on_one_process_is_refused(two_process_run):
+def test_resume_of_a_two_process_checkpoint_on_one_process(two_process_run):
+    """Refused in one line naming both counts -- or, where resuming on another process count is supported
+    (DDP), resumed with gradient_accumulation_steps rescaled to keep the global batch, said in one line."""
     out, cfg = two_process_run
     before = tree_digest(out)
-    proc = run(train_cmd(cli({**cfg, "resume_from_checkpoint": "latest"})), timeout=60)
-    assert_one_line_error(proc, "checkpoint-2 was written by 2 process(es) and this run has 1")
-    assert tree_digest(out) == before
+    proc = run(train_cmd(cli({**cfg, "resume_from_checkpoint": "latest"})), timeout=120)
+    counts = "checkpoint-2 was written by 2 process(es) and this run has 1"
+    if proc.returncode == 2:
+        assert_one_line_error(proc, counts)
+        assert tree_digest(out) == before
+        return
+    assert proc.returncode == 0, describe(proc)
+    said = [line for line in nonempty_lines(proc.stderr) if counts in line]
+    assert len(said) == 1 and said[0].startswith("scaletune: "), describe(proc)
+    assert "gradient_accumulation_steps 1 -> 2" in said[0]
+    assert resumed_from(proc.stdout) == (str(out / "checkpoint-2"), 2)
 
 
 @pytest.fixture(scope="module")
@@ -471,19 +481,50 @@ def test_a_two_process_refusal_is_printed_once(one_to_two):
     assert sum(line.startswith(ONE_TO_TWO) for line in nonempty_lines(proc.stderr)) == 1, describe(proc)
 
 
-def test_resume_after_the_training_data_shrank_refuses_in_one_line(tiny_bert, sentiment_files, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    train_file = write_sentiment_csv(data / "train.csv", 96, seed=1)
+@pytest.mark.xfail(strict=True, reason=(
+    "src bug: a changed learning_rate on resume is reported as an allowed change but ignored -- "
+    "accelerator.load_state restores the LambdaLR's base_lrs and the optimizer's param_group lr from the "
+    "checkpoint; and after a changed max_steps the first resumed update still uses the old schedule's lr."))
+def test_an_allowed_change_of_learning_rate_and_max_steps_takes_effect_on_resume(one_process_run, tmp_path):
+    src, cfg = one_process_run
     out = tmp_path / "out"
+    shutil.copytree(src, out)  # the shared run stays as it is
+    proc = run(train_cmd(cli({**cfg, "output_dir": str(out), "learning_rate": 1e-2, "max_steps": 6,
+                              "resume_from_checkpoint": "latest"})), timeout=START_TIMEOUT)
+    assert proc.returncode == 0, describe(proc)
+    assert "learning_rate: 0.001 -> 0.01; max_steps: 4 -> 6." in proc.stderr
+    lrs = {e["step"]: e["learning_rate"] for e in state_of(out)["log_history"] if "loss" in e}
+    # The new linear schedule (no warmup): update s uses learning_rate * (max_steps - (s - 1)) / max_steps.
+    assert (lrs[5], lrs[6]) == (pytest.approx(1e-2 * 2 / 6), pytest.approx(1e-2 * 1 / 6)), lrs
+
+
+@pytest.fixture(scope="module")
+def shrunk_resume(tiny_bert, sentiment_files, tmp_path_factory):
+    """A checkpoint 6 batches into an epoch of 12, resumed after its train file (same path) shrank to 2 batches."""
+    tmp = tmp_path_factory.mktemp("shrunk")
+    train_file = write_sentiment_csv(tmp / "train.csv", 96, seed=1)
+    out = tmp / "out"
     cfg = {**base(tiny_bert, sentiment_files, out, max_steps=6, save_steps=3), "train_file": str(train_file)}
-    setup_run(cfg)  # checkpoint-6: 6 batches into the first epoch of 12
-    write_sentiment_csv(train_file, 16, seed=1)  # same path, 2 batches per epoch now
+    setup_run(cfg)
+    write_sentiment_csv(train_file, 16, seed=1)
     before = tree_digest(out)
-    proc = run(train_cmd(cli({**cfg, "max_steps": 8, "resume_from_checkpoint": "latest"})), timeout=60)
+    proc = run(train_cmd(cli({**cfg, "resume_from_checkpoint": "latest"})), timeout=60)  # never hangs
+    return proc, before, tree_digest(out)
+
+
+def test_resume_after_the_training_data_shrank_refuses_in_one_line(shrunk_resume):
+    proc, _, _ = shrunk_resume
     assert_one_line_error(proc, "data position (6 batches into epoch 0) is past the end of this run's epoch "
                                 "(2 batches per process)")
-    assert tree_digest(out) == before
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "src bug: the data-position check runs in TrainData.windows(), i.e. inside fit(), after train._run has "
+    "already rewritten output_dir/config.yaml (and started the trackers): the refused run changes the earlier "
+    "run's files. Suggested: check the position right after checkpointer.load(), before any write."))
+def test_a_refused_resume_after_the_data_shrank_leaves_the_earlier_run_untouched(shrunk_resume):
+    _, before, after = shrunk_resume
+    assert after == before
 
 
 # ============================================================================ 9: overwrite, and a moved output dir
@@ -495,8 +536,7 @@ def test_resume_after_overwrite_output_dir_continues_the_new_run_never_the_old(t
     setup_run(base(tiny_bert, sentiment_files, out, max_steps=8, save_steps=2, learning_rate=2e-3))  # the old run
     assert sorted(list_checkpoints(out)) == [2, 4, 6, 8]
     new = base(tiny_bert, sentiment_files, out, max_steps=4, save_steps=2, learning_rate=1e-3)
-    fresh = run(train_cmd(cli({**new, "overwrite_output_dir": True})), timeout=START_TIMEOUT)
-    assert fresh.returncode == 0, describe(fresh)
+    setup_run({**new, "overwrite_output_dir": True})  # the new run
     assert sorted(list_checkpoints(out)) == [2, 4]  # the old run's higher checkpoints are gone
     assert "learning_rate: 0.001" in (out / "checkpoint-4" / "config.yaml").read_text()
 
@@ -514,10 +554,10 @@ def test_resume_after_overwrite_output_dir_continues_the_new_run_never_the_old(t
 
 def test_a_moved_output_dir_reloads_its_best_checkpoint_from_the_new_place(tiny_bert, sentiment_files, tmp_path):
     old = tmp_path / "old" / "out"
-    # Best = the highest eval loss: with a falling loss that is an early checkpoint, never the last one.
+    # Best = the highest recall: the untrained tiny model predicts one class, recall 1 at the first evaluation,
+    # which no later one can beat (equal is not better). So the best checkpoint is an early one, not the last.
     cfg = base(tiny_bert, sentiment_files, old, max_steps=6, eval_strategy="steps", eval_steps=2, save_steps=2,
-               save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="loss",
-               greater_is_better=True)
+               save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="recall")
     first = setup_run(cfg)
     assert first.best_global_step is not None and first.best_global_step < 6, first.best_global_step
     new = tmp_path / "elsewhere" / "out"

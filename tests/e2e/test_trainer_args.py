@@ -145,3 +145,33 @@ def test_exported_model_has_a_model_card(tiny_bert, sentiment_files, tmp_path):
     evals = [h for h in r.log_history if "eval_loss" in h]
     assert [int(step) for step, _ in rows] == [h["step"] for h in evals] == [2, 4]
     assert [float(v) for _, v in rows] == pytest.approx([h["eval_loss"] for h in evals], abs=1e-4)
+
+
+def test_save_only_model_checkpoints_hold_weights_only(tiny_bert, sentiment_files, tmp_path):
+    r = job(tiny_bert, sentiment_files, tmp_path, "only", max_steps=4, eval_strategy="steps", eval_steps=2,
+            save_strategy="steps", save_steps=2, load_best_model_at_end=True, save_only_model=True)
+    full = job(tiny_bert, sentiment_files, tmp_path, "full", max_steps=4, eval_strategy="steps", eval_steps=2,
+               save_strategy="steps", save_steps=2, load_best_model_at_end=True)
+    only_files = {p.name for p in (tmp_path / "only" / "checkpoint-4").iterdir()}
+    assert "model.safetensors" in only_files and not {"optimizer.bin", "scheduler.bin"} & only_files
+    assert not any(n.startswith("random_states") for n in only_files)
+    assert {"optimizer.bin", "scheduler.bin"} <= {p.name for p in (tmp_path / "full" / "checkpoint-4").iterdir()}
+    assert r.metrics["eval_loss"] == pytest.approx(full.metrics["eval_loss"], rel=1e-6)  # best reload: weights only
+    with pytest.raises(Exception, match="holds the model only"):
+        job(tiny_bert, sentiment_files, tmp_path, "only", max_steps=6, save_strategy="steps", save_steps=2,
+            save_only_model=True, resume_from_checkpoint="latest")
+
+
+def test_background_and_foreground_saves_resume_identically(tiny_bert, sentiment_files, tmp_path):
+    """The background writer's checkpoint is the one accelerate's save_state writes: same files, same resume."""
+    runs = {}
+    for background in (True, False):
+        name = f"bg{int(background)}"
+        job(tiny_bert, sentiment_files, tmp_path, name, max_steps=3, save_strategy="steps", save_steps=3,
+            save_in_background=background)
+        runs[background] = job(tiny_bert, sentiment_files, tmp_path, name, max_steps=6, save_strategy="steps",
+                               save_steps=3, save_in_background=background, resume_from_checkpoint="latest")
+        assert sorted(p.name for p in (tmp_path / name / "checkpoint-3").iterdir()) == sorted(
+            p.name for p in (tmp_path / "bg1" / "checkpoint-3").iterdir())
+    a, b = train_logs(runs[True]), train_logs(runs[False])
+    assert [h["loss"] for h in a] == [h["loss"] for h in b]

@@ -85,8 +85,8 @@ class DataArguments:
     """Classification: the label column (integers or strings); regression: numbers; multi-label: lists of labels,
     or strings split on `label_delimiter`."""
     label_delimiter: Optional[str] = None
-    """Multi-label: the separator of labels in a string label column (`"|"` reads `"sports|politics"`); also joins
-    the predicted labels in the predictions file (default `|`). Unset: labels must be a list column."""
+    """Multi-label: the separator of labels in a string label column (`";"` reads `"sports;politics"`); also joins
+    the predicted labels in the predictions file (a vertical bar when unset). Unset: labels must be a list column."""
     multilabel_threshold: float = 0.5
     """Multi-label: a label is predicted when its probability is at least this, in (0, 1)."""
     drop_unlabelled_rows: bool = False
@@ -270,6 +270,10 @@ class TrainingArguments:
     """torch.compile mode (`default`, `reduce-overhead`, `max-autotune`); implies torch_compile."""
     tf32: Optional[bool] = None
     """Allow TF32 matmuls on Ampere or newer GPUs (None: torch's default). True without such a GPU is an error."""
+    save_in_background: bool = True
+    """Write checkpoints in a background thread (DDP and single process): training stalls only while the state
+    is copied to host memory; the checkpoint is complete (renamed from .partial) once every process's files are
+    on disk, at the latest before the next save. DeepSpeed, FSDP and LoRA checkpoints are written synchronously."""
     save_only_model: bool = False
     """Checkpoints hold the model only (no optimizer, scheduler or RNG state): smaller, but they cannot be
     resumed from (the best-model reload works)."""

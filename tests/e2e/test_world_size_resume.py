@@ -1,0 +1,60 @@
+"""A checkpoint written on 2 processes resumes on 1, and one written on 1 resumes on 2 (DDP): the data position
+is samples of the global order, the global batch is kept by rescaling accumulation, and the per-step losses
+continue those of the uninterrupted run (fp32, no dropout)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from support.tiny import accelerate_launch
+
+
+def args(model, files, out, **kw):
+    base = {"--model_name_or_path": model, "--train_file": files["train_file"], "--do_eval": "false",
+            "--do_predict": "false", "--output_dir": str(out), "--max_steps": "9", "--save_steps": "3",
+            "--logging_steps": "1", "--per_device_train_batch_size": "8", "--disable_tqdm": "true",
+            "--learning_rate": "1e-3", "--validation_split_percentage": "0",
+            **{f"--{k}": str(v) for k, v in kw.items()}}
+    return [x for kv in base.items() for x in kv]
+
+
+def losses(out) -> dict:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.mark.parametrize("saved_on,resumed_on,accumulation", [(2, 1, 1), (1, 2, 2)])
+def test_resume_on_another_process_count(tiny_bert_no_dropout, sentiment_files, tmp_path, saved_on, resumed_on,
+                                         accumulation):
+    full = tmp_path / "full"
+    accelerate_launch(saved_on, args(tiny_bert_no_dropout, sentiment_files, full,
+                                     gradient_accumulation_steps=accumulation), timeout=300)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    # Mid-epoch: 96 rows in 12 full batches of 8, 6 updates an epoch. (With a short last batch, accelerate pads
+    # it on N > 1 processes with samples from the epoch's start, so the N-process run itself sees other samples.)
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    proc = accelerate_launch(resumed_on, args(tiny_bert_no_dropout, sentiment_files, resumed,
+                                              gradient_accumulation_steps=accumulation,
+                                              resume_from_checkpoint="latest"), timeout=300)
+    new_accumulation = accumulation * saved_on // resumed_on
+    assert (f"gradient_accumulation_steps {accumulation} -> {new_accumulation} keeps the global batch"
+            in proc.stderr + proc.stdout)
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(1, 10))
+    for step in range(4, 10):
+        assert b[step] == pytest.approx(a[step], abs=1e-4), (step, a[step], b[step])
+    state = json.loads((resumed / "trainer_state.json").read_text())
+    assert state["world_size"] == resumed_on and state["global_step"] == 9
+
+
+def test_a_count_that_cannot_keep_the_global_batch_is_refused(tiny_bert_no_dropout, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    accelerate_launch(1, args(tiny_bert_no_dropout, sentiment_files, out, max_steps=3), timeout=300)
+    proc = accelerate_launch(2, args(tiny_bert_no_dropout, sentiment_files, out, resume_from_checkpoint="latest"),
+                             timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "written by 1 process(es) and this run has 2" in proc.stderr and "gradient_accumulation_steps" in proc.stderr
