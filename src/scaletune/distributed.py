@@ -245,6 +245,15 @@ def build_accelerator(cfg) -> Accelerator:
     # instead of a silent 30-minute wait.
     kwargs_handlers = [InitProcessGroupKwargs(backend="gloo" if gloo else None,
                                               timeout=timedelta(seconds=t.ddp_timeout))]
+    if t.ddp_find_unused_parameters is not None:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        kwargs_handlers.append(DistributedDataParallelKwargs(find_unused_parameters=t.ddp_find_unused_parameters))
+    dynamo = None  # None: the Accelerate config's dynamo_config decides
+    if t.torch_compile:
+        from accelerate.utils import TorchDynamoPlugin
+
+        dynamo = TorchDynamoPlugin(backend="inductor", mode=t.torch_compile_mode or "default")
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # Must equal DeepSpeed's gradient_accumulation_steps; the loop handles the accumulation window itself
@@ -257,9 +266,8 @@ def build_accelerator(cfg) -> Accelerator:
         step_scheduler_with_optimizer=False,
         deepspeed_plugin=plugin,
         fsdp_plugin=fsdp_plugin,
-        # accelerate compiles in prepare(): torch.compile for DDP, engine.compile under DeepSpeed. None: the
-        # Accelerate config's dynamo_config decides.
-        dynamo_backend="inductor" if t.torch_compile else None,
+        # accelerate compiles in prepare(): torch.compile for DDP, engine.compile under DeepSpeed.
+        dynamo_plugin=dynamo,
         kwargs_handlers=kwargs_handlers,
     )
     if fsdp_on_cpu:

@@ -70,8 +70,6 @@ def _honoured(name: str, value: Any) -> bool:
         return bool(value) and not torch.cuda.is_available()  # no GPU: CPU it is
     if name in ("average_tokens_across_devices", "restore_callback_states_from_checkpoint"):
         return bool(value)  # always on in scaletune (§13, §17)
-    if name in ("disable_tqdm", "logging_dir"):
-        return True
     return False
 
 
@@ -109,6 +107,8 @@ def config_from_training_arguments(args) -> dict:
 
 def config_from_callbacks(callbacks: Optional[list]) -> dict:
     """`EarlyStoppingCallback` -> early-stopping keys; anything else is an error naming the alternative."""
+    if not callbacks:
+        return {}  # and no transformers (torch) import before the config is checked
     from transformers import EarlyStoppingCallback
 
     out: dict = {}

@@ -118,6 +118,9 @@ def launch_plan(opts: Mapping[str, Optional[str]], training, env: Mapping[str, s
         if found is None:
             raise LaunchError(f"the DeepSpeed config file '{ds_file}' named in {config_file} does not exist.")
     total = per_machine * machines
+    if distributed_type == "FSDP" and cpu is not None and total < 2:
+        raise LaunchError(f"FSDP on CPU shards over processes and needs at least 2: use `./launch {preset} --cpu 2`, "
+                          f"or single_gpu --cpu 1 for one process.")
     return {
         "DISTRIBUTED_TYPE": distributed_type, "VISIBLE_GPUS": gpus, "PROCESSES_PER_MACHINE": per_machine,
         "NUM_MACHINES": machines, "NUM_PROCESSES": total, "MULTI_MACHINE": int(multi_machine),

@@ -83,7 +83,7 @@ def preflight(cfg) -> None:
 # --------------------------------------------------------------------------- wrapping the model
 
 
-def _names(value: Optional[str]) -> Optional[list[str]]:
+def _names(value: Optional[str]) -> Optional[list[str] | str]:
     if value is None:
         return None
     if value.strip() == "all-linear":
@@ -130,24 +130,28 @@ def pretrained_keys(cfg) -> Optional[set]:
             for k in keys}
 
 
-def default_modules_to_save(model, task: str, pretrained: Optional[set]) -> list[str]:
-    """Modules trained whole next to the adapters.
+def default_modules_to_save(model, pretrained: Optional[set]) -> list[str]:
+    """Modules trained whole next to the adapters: the heads, i.e. the top-level modules besides the encoder.
 
-    Classification, regression, multi-label: the task head (every top-level module besides the encoder, e.g.
-    `classifier`), which is new or task-specific. MLM: only the head modules that the checkpoint lacks (an
-    encoder-only checkpoint ships no MLM head): a pretrained head stays frozen, and a module holding the
-    decoder tied to the input embeddings is never copied (it would train a vocabulary-sized matrix). A new
-    output bias next to such a decoder stays at its initial zeros unless `lora_bias` trains biases.
+    A task head (`classifier`: classification, regression, multi-label, token classification) is new or
+    task-specific, so it is trained whole. A language-model head (the one holding the output embeddings:
+    MLM's `cls`, a causal LM's `lm_head`) is vocabulary-sized and usually pretrained: only its modules that
+    the checkpoint lacks are trained (an encoder-only checkpoint such as MiniLM ships no MLM head), and a
+    module holding a decoder tied to the input embeddings is never copied. A new output bias next to such a
+    decoder stays at its initial zeros unless `lora_bias` trains biases.
     """
     base = getattr(model, "base_model_prefix", "")
     heads = [(name, child) for name, child in model.named_children()
              if name != base and any(True for _ in child.parameters())]
-    if task != "mlm":
-        return [name for name, _ in heads]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lm_heads = [(name, head) for name, head in heads if output is not None and any(m is output for m in head.modules())]
+    chosen = [name for name, head in heads if (name, head) not in lm_heads]
+    if not lm_heads:
+        return chosen
     if pretrained is None:
-        logger.warning("Cannot read the checkpoint's tensor names, so the MLM head is taken as pretrained and stays "
-                       "frozen; set modules_to_save to train (part of) it.")
-        return []
+        logger.warning("Cannot read the checkpoint's tensor names, so the language-model head is taken as pretrained "
+                       "and stays frozen; set modules_to_save to train (part of) it.")
+        return chosen
 
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -160,8 +164,6 @@ def default_modules_to_save(model, task: str, pretrained: Optional[set]) -> list
     def new(p) -> bool:
         return not any(loaded(n) for n in aliases[id(p)])
 
-    chosen: list[str] = []
-
     def visit(prefix: str, module) -> None:
         params = list(module.parameters())
         if params and all(new(p) for p in params):
@@ -170,7 +172,7 @@ def default_modules_to_save(model, task: str, pretrained: Optional[set]) -> list
         for name, child in module.named_children():
             visit(f"{prefix}.{name}", child)
 
-    for name, head in heads:
+    for name, head in lm_heads:
         visit(name, head)
     return chosen
 
@@ -180,7 +182,7 @@ def lora_config(model, cfg):
 
     p = cfg.peft
     if p.modules_to_save is None:
-        to_save = default_modules_to_save(model, cfg.data.task, pretrained_keys(cfg))
+        to_save = default_modules_to_save(model, pretrained_keys(cfg))
     else:
         to_save = _names(p.modules_to_save) or None
     return LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout,
@@ -220,7 +222,8 @@ def trainable_summary(model) -> Optional[str]:
         return None
     trainable, total = model.get_nb_trainable_parameters()
     config = model.peft_config[model.active_adapter]
-    targets = config.target_modules if isinstance(config.target_modules, str) else ",".join(sorted(config.target_modules))
+    targets = config.target_modules
+    targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
     saved = ",".join(sorted(config.modules_to_save or [])) or "none"
     return (f"LoRA r={config.r} on {targets} (trained whole: {saved}): trainable parameters {trainable:,} of "
             f"{total:,} ({100 * trainable / max(total, 1):.2f}%)")

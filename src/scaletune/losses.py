@@ -164,9 +164,11 @@ class SparseTokenCrossEntropy(ItemLoss):
 
     Masked-LM labels ~15% of the tokens, yet a full head projects every position onto the vocabulary (30,522
     columns for BERT): most of the head's FLOPs and the largest activation of the step. `tasks/mlm.py` makes
-    the head project only the labelled positions, in row-major order, giving N_labelled x V logits; this loss
-    takes those (or full B x T x V logits, computed as `CrossEntropy` does) with the B x T labels and returns
-    the same per-sample sums and counts. Same numbers as `CrossEntropy` to float rounding.
+    the head project, per row, only its labelled positions in column order (`labelled_first`), padded to the
+    batch's K: B x K x V logits with K < T. This loss takes those (or full B x T x V logits, computed as
+    `CrossEntropy` does) with the B x T labels and returns the same per-sample sums and counts, to float
+    rounding. The targets are re-derived from the labels, so no index travels with the logits and nothing
+    waits for the device to report how many positions there are.
     """
 
     label_smoothing: float = 0.0
@@ -175,29 +177,23 @@ class SparseTokenCrossEntropy(ItemLoss):
         return (labels != IGNORE_INDEX).sum().float()
 
     def per_sample(self, logits, labels):
-        if logits.dim() == labels.dim() + 1:  # full logits: a model without the sparse head
+        if logits.shape[:2] == labels.shape[:2]:  # full logits: a model without the sparse head
             return CrossEntropy(label_smoothing=self.label_smoothing).per_sample(logits, labels)
-        import torch
         import torch.nn.functional as F
 
-        batch = labels.shape[0]
-        counted = labels.reshape(batch, -1) != IGNORE_INDEX
-        positions = labelled_positions(labels, logits.shape[0])
-        targets = labels.reshape(-1).index_select(0, positions)
-        # fp32 for the softmax, as CrossEntropy; here only N_labelled rows are copied, not B x T.
-        item_losses = F.cross_entropy(logits.float(), targets, reduction="none",
-                                      label_smoothing=self.label_smoothing)
-        losses = torch.zeros(batch, dtype=item_losses.dtype, device=logits.device)
-        losses.index_add_(0, positions // counted.shape[1], item_losses)
-        return losses, counted.sum(dim=1).float()
+        batch, k = logits.shape[:2]
+        # Padding slots of a row (beyond its labelled positions) pick unlabelled columns: target -100.
+        targets = labels.gather(1, labelled_first(labels, k))
+        # fp32 for the softmax, as CrossEntropy; here B x K rows are copied, not B x T.
+        flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=self.label_smoothing)
+        return flat.view(batch, k).sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1).float()
 
 
-def labelled_positions(labels: torch.Tensor, count: int) -> torch.Tensor:
-    """Flat row-major indices of the labelled positions (label != -100), given how many there are.
-
-    `nonzero_static` with the count known from the logits' shape needs no host-device sync, unlike
-    `labels[mask]` or `nonzero()`, which must read the count back before allocating their output.
-    """
+def labelled_first(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the columns of the labelled positions (label != -100) in order, then unlabelled columns:
+    the first `k` of them (B x k). The one definition of the order that the sparse MLM head's gather and
+    `SparseTokenCrossEntropy` share."""
     import torch
 
-    return torch.nonzero_static((labels != IGNORE_INDEX).reshape(-1), size=count).reshape(-1)
+    return torch.argsort((labels == IGNORE_INDEX).to(torch.uint8), dim=1, stable=True)[:, :k]

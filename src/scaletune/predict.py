@@ -1,58 +1,324 @@
 """`python -m scaletune.predict MODEL_DIR --test_file data.csv [--output_file preds.csv]`
 
-Predictions for new data with a model exported by `scaletune.train` (or any sequence-classification
-`save_pretrained` folder): one row per example with its id, the predicted label and every label's
-probability -- the tutorial's `trainer.predict(test)` step as a command.
+Predictions for new data with a model exported by `scaletune.train` -- the tutorial's `trainer.predict(test)`
+step as a command. The run's own `config.yaml`, saved in the model folder, supplies the task, the text and
+label columns, the maximum length and the label settings, so none of them is repeated here. Classification:
+one row per example with its id, the predicted label and every label's probability; regression: the value;
+multi-label: the label set and every label's probability; token classification: the words with their
+predicted tags in CoNLL form. When the file has labels, the metrics of the run's test pass are printed too.
+Masked and causal language models have no prediction file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from pathlib import Path
+from typing import NamedTuple, Optional
+
+# The config keys predict takes from the run's config.yaml: what decides how a row becomes model inputs.
+_RUN_KEYS = ("task", "text_column_names", "text_column_name", "label_column_name", "label_delimiter",
+             "multilabel_threshold", "max_seq_length", "label_all_tokens", "return_entity_level_metrics",
+             "label_smoothing_factor", "pad_to_multiple_of")
+_ARCHITECTURE_TASKS = (("ForTokenClassification", "token_classification"), ("ForCausalLM", "clm"),
+                       ("ForMaskedLM", "mlm"))
+_NO_FILE = {
+    "mlm": "a masked-LM model has no prediction file (as run_mlm.py: its test split gives metrics only); fill masks "
+           "with transformers.pipeline('fill-mask', model={dir!r}).",
+    "clm": "a causal-LM model has no prediction file (as run_clm.py: its test split gives metrics only); generate "
+           "text with transformers.pipeline('text-generation', model={dir!r}).",
+}
+
+
+class Prediction(NamedTuple):
+    output_file: str
+    metrics: dict
+    """`test_`-prefixed metrics when the file has labels for every row, else empty."""
 
 
 def predict(model_dir: str, test_file: str, output_file: str | None = None, text_column_names: str | None = None,
             max_seq_length: int | None = None, batch_size: int = 32) -> str:
-    from .config import load_config
-    from .data import DataError, load_raw_datasets
-    from .tasks import get_task
+    """Write the predictions file and return its path (metrics, when the file has labels, are printed)."""
+    result = run_prediction(model_dir, test_file, output_file, text_column_names, max_seq_length, batch_size)
+    if result.metrics:
+        from .tracking.summary import format_metrics
 
-    if not (Path(model_dir) / "config.json").is_file():
+        print(format_metrics(result.metrics))
+    return result.output_file
+
+
+def run_prediction(model_dir: str, test_file: str, output_file: Optional[str] = None,
+                   text_column_names: Optional[str] = None, max_seq_length: Optional[int] = None,
+                   batch_size: int = 32) -> Prediction:
+    """Everything is checked -- model folder, task, file, columns, labels -- before the model loads."""
+    from .config import ConfigError
+    from .errors import DataError
+
+    model_dir = str(model_dir)
+    model_config = _read_model_config(model_dir)
+    run = _read_run_config(model_dir)
+    task_name = _task_name(run, model_config)
+    if task_name in _NO_FILE:
+        raise ConfigError(f"{model_dir}: " + _NO_FILE[task_name].format(dir=model_dir))
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1.")
+    if not Path(test_file).is_file():
+        raise DataError(f"test_file {test_file!r} does not exist.")
+    overrides = {k: v for k, v in (("text_column_names", text_column_names), ("max_seq_length", max_seq_length))
+                 if v is not None}
+    if task_name == "token_classification" and text_column_names is not None:
+        overrides["text_column_name"] = overrides.pop("text_column_names")  # the words column
+    output_file = output_file or str(Path(model_dir) / ("predictions_new.conll" if task_name == "token_classification"
+                                                        else "predictions_new.csv"))
+    cfg = _prediction_config(model_dir, test_file, task_name, run, overrides, batch_size)
+    labels = _label_names(model_config)
+    if task_name == "token_classification":
+        return _predict_tokens(model_dir, cfg, labels, output_file, batch_size)
+    return _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_size)
+
+
+# --------------------------------------------------------------------------- what the run saved
+
+
+def _read_model_config(model_dir: str) -> dict:
+    from .errors import DataError
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
         raise DataError(f"{model_dir!r} is not a model folder (no config.json); pass the output_dir of a run.")
-    cfg = load_config({"model_name_or_path": model_dir, "test_file": test_file, "do_train": False,
-                       "validation_split_percentage": 0, "text_column_names": text_column_names,
-                       "max_seq_length": max_seq_length, "per_device_eval_batch_size": batch_size})
+    return json.loads(path.read_text())
+
+
+def _read_run_config(model_dir: str) -> dict:
+    """The run's effective config (config.yaml, written by scaletune.train into output_dir); {} for a plain
+    `save_pretrained` folder."""
+    import yaml
+
+    from .config import ConfigError
+
+    path = Path(model_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({' '.join(str(e).split())}); restore it from the run or "
+                          f"delete it to predict with the model's config.json alone.") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} does not hold a mapping of config keys; restore it or delete it.")
+    return values
+
+
+def _task_name(run: dict, model_config: dict) -> str:
+    """The run's task; `classification` that chose regression or multi-label from its labels is read back from
+    the exported head's problem_type. Without config.yaml: from the architecture and problem_type."""
+    from .tasks import TASKS, task_for_problem_type
+
+    task = run.get("task")
+    if task is not None and task not in TASKS:
+        from .config import ConfigError
+
+        raise ConfigError(f"The run's config.yaml names task {task!r}, which this scaletune does not know; "
+                          f"choose one of {', '.join(TASKS)}.")
+    if task in (None, "classification"):
+        for suffix, name in _ARCHITECTURE_TASKS:
+            if any(a.endswith(suffix) for a in model_config.get("architectures") or ()):
+                return name
+        return task_for_problem_type(model_config.get("problem_type"))
+    return task
+
+
+def _prediction_config(model_dir, test_file, task_name, run, overrides, batch_size):
+    from .config import load_config
+
+    values = {k: run[k] for k in _RUN_KEYS if k in run}
+    values.update({"task": task_name, "model_name_or_path": model_dir, "test_file": test_file, "do_train": False,
+                   "validation_split_percentage": 0, "per_device_eval_batch_size": batch_size,
+                   "output_dir": str(Path(model_dir) / ".predict"), **overrides})
+    return load_config(values)
+
+
+def _label_names(model_config: dict) -> list[str]:
+    id2label = model_config.get("id2label") or {}
+    return [id2label[str(i)] for i in range(len(id2label))]
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(auto_class, model_dir: str):
+    model = auto_class.from_pretrained(model_dir).to(_device()).eval()
+    return model
+
+
+def _prepare_output(output_file: str) -> None:
+    Path(output_file).parent.mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------- classification, regression, multi-label
+
+
+def _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_size) -> Prediction:
+    from transformers import AutoTokenizer
+
+    from .data import check_files, load_raw_datasets
+    from .tasks import PreparedData, get_task
+
+    check_files(cfg)
+    raw = load_raw_datasets(cfg)
+    rows = raw["test"]
+    task = get_task(task_name)
+    text_cols = task.text_columns(rows.column_names, cfg)
+    targets = _sequence_targets(task, raw, cfg, labels)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    max_len = min(cfg.data.max_seq_length or 128, tokenizer.model_max_length)
+    encoded = rows.map(lambda b: tokenizer(*[b[c] for c in text_cols], truncation=True, max_length=max_len),
+                       batched=True, remove_columns=rows.column_names, desc="Tokenizing")
+    id_col = next((c for c in ("id", "idx", "guid") if c in rows.column_names), None)
+    ids = list(rows[id_col]) if id_col else list(range(len(rows)))
+    _prepare_output(output_file)
 
     import numpy as np
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    task = get_task("classification")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    raw = load_raw_datasets(cfg)
-    # Labels (if the file has any) are not needed to predict; the model's own label map is authoritative.
-    if cfg.data.label_column_name in raw["test"].column_names:
-        raw["test"] = raw["test"].remove_columns(cfg.data.label_column_name)
-    text_cols = task.text_columns(raw["test"].column_names, cfg)
-    max_len = min(max_seq_length or 128, tokenizer.model_max_length)
+    model = _load(AutoModelForSequenceClassification, model_dir)
     collate = task.collator(tokenizer, cfg, for_training=False)
-    rows = raw["test"]
-    logits = []
+    outputs, logits_all = [], []
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            part = rows[start:start + batch_size]
-            enc = tokenizer(*[part[c] for c in text_cols], truncation=True, max_length=max_len)
-            batch = collate([{k: enc[k][i] for k in enc} for i in range(len(part[text_cols[0]]))])
-            logits.append(model(**batch).logits.float().numpy())
-    id_col = next((c for c in ("id", "idx", "guid") if c in rows.column_names), None)
-    ids = list(rows[id_col]) if id_col else list(range(len(rows)))
-    output_file = output_file or str(Path(model_dir) / "predictions_new.csv")
-    from .tasks.classification import write_prediction_file
+        for start in range(0, len(encoded), batch_size):
+            batch = collate([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))])
+            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
+            logits_all.append(logits)
+            outputs.append(task.preprocess_logits(logits, None))
+    predictions = torch.cat(outputs).numpy()
+    task.write_predictions(output_file, predictions, PreparedData(test_ids=ids), model.config)
+    metrics = {}
+    if targets is not None:
+        label_ids = torch.tensor(np.asarray(targets))
+        loss_sum, items = task.loss(cfg).per_sample(torch.cat(logits_all), label_ids)
+        metrics = {"loss": float(loss_sum.sum() / items.sum()),
+                   **task.compute_metrics(predictions, label_ids.numpy())}
+        metrics = {f"test_{k}": _plain(v) for k, v in metrics.items()}
+    return Prediction(output_file, metrics)
 
-    write_prediction_file(output_file, np.concatenate(logits), ids, model.config.id2label)
-    return output_file
+
+def _sequence_targets(task, raw, cfg, labels):
+    """The file's labels as the run's targets (class ids in the model's label order, floats, multi-hot rows), or
+    None when it has no label column or some row has no label. Labels the model does not know are an error."""
+    import logging
+
+    from .tasks.classification import is_missing
+
+    col = cfg.data.label_column_name
+    rows = raw["test"]
+    if col not in rows.column_names:
+        return None
+    classlabel = hasattr(rows.features[col], "names")
+    values = rows[col]
+    missing = sum(1 for v in values if is_missing(v) or (classlabel and not isinstance(v, list) and v == -1))
+    if missing:
+        logging.getLogger(__name__).warning("%d of %d rows have no %r label: predicting without metrics.",
+                                            missing, len(rows), col)
+        return None
+    if task.name == "regression":
+        task.label_list(raw, cfg)  # checks the column holds numbers
+        return [float(v) for v in values]
+    if task.name == "multilabel":
+        task.threshold, task.delimiter = cfg.data.multilabel_threshold, cfg.data.label_delimiter
+    if classlabel:  # the file's own ClassLabel ids -> their names, encoded in the model's label order below
+        import datasets
+
+        names = rows.features[col].names
+        features = rows.features.copy()
+        features[col] = datasets.Value("string")
+        raw["test"] = rows = rows.map(lambda b: {col: [names[v] for v in b[col]]}, batched=True, features=features)
+        values = rows[col]
+    encode = task.label_encoder(raw, cfg, labels)  # raises DataError for a label the model does not know
+    return [encode(v) for v in values]
+
+
+def _plain(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+# --------------------------------------------------------------------------- token classification
+
+
+def _predict_tokens(model_dir, cfg, labels, output_file, batch_size) -> Prediction:
+    import datasets
+    from transformers import AutoTokenizer
+
+    from .data import check_files, load_raw_datasets
+    from .tasks import get_task
+    from .tasks.token_classification import conll_dataset, is_conll_file, write_conll
+
+    if is_conll_file(cfg.data.test_file):  # read here: predicting needs no tag column
+        raw = datasets.DatasetDict({"test": conll_dataset(cfg.data.test_file, require_tags=False)})
+        if cfg.data.max_predict_samples:
+            raw["test"] = raw["test"].select(range(min(cfg.data.max_predict_samples, len(raw["test"]))))
+    else:
+        check_files(cfg)
+        raw = load_raw_datasets(cfg)
+    task = get_task("token_classification")
+    task.fixed_labels = labels
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prepared = task.prepare_data(raw, tokenizer, cfg, contextlib.nullcontext)  # every row checked here
+    test = prepared.test
+    scored = "labels" in test.column_names and any(lab != -100 for row in test["labels"] for lab in row)
+    _prepare_output(output_file)
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    model = _load(AutoModelForTokenClassification, model_dir)
+    collate = task.collator(tokenizer, cfg, for_training=False)
+    rows, flat, flat_labels = [], [], []
+    loss = task.loss(cfg)
+    loss_sum = items = 0.0
+    with torch.no_grad():
+        for start in range(0, len(test), batch_size):
+            examples = [test[i] for i in range(start, min(start + batch_size, len(test)))]
+            batch = collate(examples)
+            labels_t = batch.pop("labels", None)
+            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
+            argmax = logits.argmax(-1).numpy()
+            # The sub-word positions of each sentence, without its padding (on the tokenizer's padding side).
+            left = tokenizer.padding_side == "left"
+            rows += [argmax[i, argmax.shape[1] - len(e["input_ids"]):] if left else argmax[i, : len(e["input_ids"])]
+                     for i, e in enumerate(examples)]
+            if scored:
+                per_sample, n = loss.per_sample(logits, labels_t)
+                loss_sum += float(per_sample.sum())
+                items += float(n.sum())
+                kept = task.preprocess_logits(logits, labels_t).numpy()
+                mask = labels_t.numpy() != -100
+                flat.append(kept[mask])
+                flat_labels.append(labels_t.numpy()[mask])
+    tags, missing = task.predict_words(rows)
+    write_conll(output_file, task.test_words, tags)
+    if missing:
+        import logging
+
+        logging.getLogger(__name__).warning("%d word(s) had no sub-word within max_seq_length and were written with "
+                                            "tag %s.", missing, task.outside_tag())
+    metrics = {}
+    if scored and items:
+        metrics = {"loss": loss_sum / items, **task.compute_metrics(np.concatenate(flat), np.concatenate(flat_labels))}
+        metrics = {f"test_{k}": _plain(v) for k, v in metrics.items()}
+    return Prediction(output_file, metrics)
+
+
+# --------------------------------------------------------------------------- command line
 
 
 def main(argv=None) -> int:
@@ -69,13 +335,12 @@ def main(argv=None) -> int:
     p.add_argument("--max_seq_length", type=int)
     p.add_argument("--batch_size", type=int, default=32)
     args = p.parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
+    from .errors import ScaletuneError
 
     try:
         out = predict(args.model_dir, args.test_file, args.output_file, args.text_column_names,
                       args.max_seq_length, args.batch_size)
-    except (ConfigError, DataError) as e:
+    except ScaletuneError as e:
         print(f"scaletune.predict: error: {e}", file=sys.stderr)
         return 2
     print(f"Predictions written to {out}")

@@ -53,7 +53,7 @@ class RunResult:
 
 def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[Path]:
     """Checks that need no model or data loading: bad input fails in seconds, nothing is overwritten."""
-    from . import checkpointer, data
+    from . import checkpointer, data, lora
     from .distributed import deepspeed_requested
     from .schedule import metric_key
     from .tasks import get_task
@@ -73,6 +73,7 @@ def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[Path]:
         raise ConfigError("on_nonfinite=skip is not possible under DeepSpeed, which applies the update inside "
                           "backward before the loss can be checked; use on_nonfinite=stop.")
     data.check_files(cfg)
+    lora.preflight(cfg)
     return checkpointer.preflight(t)
 
 

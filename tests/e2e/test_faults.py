@@ -258,25 +258,35 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: checkpoint.save_checkpoint catches only OSError, but a full disk surfaces from safetensors as "
-    "SafetensorError and from torch.save (optimizer.bin) as RuntimeError: the run dies with a traceback "
-    "(exit 1) and leaves .checkpoint-N.partial behind. See docs/reliability.md / the fault-suite report."))
-@pytest.mark.parametrize("runs_out_in", ["model.safetensors", "optimizer.bin"])
-def test_disk_full_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(runs_out_in, tiny_bert,
+SYNC_DISK_FULL = pytest.mark.xfail(strict=True, reason=(
+    "src bug: checkpoint.save_checkpoint (the synchronous save: save_in_background=false, and always under "
+    "DeepSpeed, FSDP and LoRA) catches only OSError, but a full disk surfaces from safetensors as SafetensorError "
+    "and from torch.save as RuntimeError: the run dies with a traceback (exit 1) and leaves .checkpoint-N.partial"))
+BACKGROUND_TORCH_SAVE = pytest.mark.xfail(strict=True, reason=(
+    "src bug: background_save.BackgroundSave.finish reports a non-OSError write failure as 'failed on a "
+    "process (<torch's zip-writer message>)': for optimizer.bin on a full disk it never says the disk is full"))
+
+
+@pytest.mark.parametrize("background, runs_out_in", [
+    (True, "model.safetensors"),
+    pytest.param(True, "optimizer.bin", marks=BACKGROUND_TORCH_SAVE),
+    pytest.param(False, "model.safetensors", marks=SYNC_DISK_FULL),
+])
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(background, runs_out_in, tiny_bert,
                                                                               sentiment_files, small_disk):
     model = Path(tiny_bert, "model.safetensors").stat().st_size // 1024
     tokenizer = Path(tiny_bert, "tokenizer.json").stat().st_size // 1024
     checkpoint = 3 * model + tokenizer + 64  # weights + AdamW's 2 moments + tokenizer + small files
     # The first checkpoint fits; the second runs out of space in the file named by the parameter
-    # (accelerate writes model.safetensors first, then optimizer.bin).
+    # (model.safetensors is written first, then optimizer.bin).
     size = checkpoint + (model // 2 if runs_out_in == "model.safetensors" else model + model // 2)
     out = small_disk(size) / "out"
-    proc = run(train_cmd(cli(base(tiny_bert, sentiment_files, out, max_steps=3, save_steps=1))), timeout=120)
-    assert "checkpoint-1" in [p.name for p in list_checkpoints(out).values()], describe(proc)
-    line = assert_one_line_error(proc, "No space left on the device while writing", str(out / ".checkpoint-2.partial"))
-    assert "checkpoint-1" not in line
-    assert verify(out / "checkpoint-1") is None
+    cfg = base(tiny_bert, sentiment_files, out, max_steps=3, save_steps=1, save_in_background=background)
+    proc = run(train_cmd(cli(cfg)), timeout=120)
+    assert 1 in list_checkpoints(out), describe(proc)
+    line = assert_one_line_error(proc, str(out / ".checkpoint-2.partial"))
+    assert re.search(r"no space left on (the )?device", line, re.I), line
+    assert verify(out / "checkpoint-1") is None  # the earlier checkpoint is intact
     assert not partials(out)  # the space of the failed save is given back
     assert list_checkpoints(out) == checkpoint_dirs(out)
     assert not (out / LOCK_FILE).exists()
@@ -327,36 +337,47 @@ NAN_LR = 1e30  # AdamW moves every weight by ~lr: the first update gives finite 
 # pass overflows (LayerNorm squares them) -- every later loss is NaN, deterministically.
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_bert, sentiment_files, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def nan_stop(tiny_bert, sentiment_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nan_stop") / "out"
     cfg = base(tiny_bert, sentiment_files, out, test_file=sentiment_files["test_file"], do_predict=True,
                learning_rate=NAN_LR, max_steps=8, save_steps=1)
-    proc = run(train_cmd(cli(cfg)), timeout=START_TIMEOUT)
+    return out, run(train_cmd(cli(cfg)), timeout=START_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def nan_skip(tiny_bert, sentiment_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nan_skip") / "out"
+    cfg = base(tiny_bert, sentiment_files, out, learning_rate=NAN_LR, max_steps=8, save_steps=1,
+               on_nonfinite="skip", max_skipped_updates=1)
+    return out, run(train_cmd(cli(cfg)), timeout=START_TIMEOUT)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(nan_stop):
+    out, proc = nan_stop
     line = assert_one_line_error(proc, "the loss or gradient norm became NaN or infinite")
-    m = re.match(r"scaletune: error: Stopped at step (\d+): .*; the last checkpoint \(checkpoint-(\d+)\) is kept",
-                 line)
+    m = re.match(r"scaletune: error: Stopped at step (\d+): ", line)
     assert m, line
-    stopped, kept = int(m.group(1)), int(m.group(2))
-    assert kept == stopped - 1 >= 1  # a checkpoint every update: the last good one is the step before
-    assert sorted(list_checkpoints(out)) == list(range(1, stopped))  # nothing saved at or after the bad step
-    assert verify(out / f"checkpoint-{kept}") is None
-    assert all_finite(out / f"checkpoint-{kept}")
+    stopped = int(m.group(1))
+    assert stopped >= 2
+    # A checkpoint every update: the last good one is the step before; nothing at or after the bad step.
+    assert sorted(list_checkpoints(out)) == list(range(1, stopped))
+    kept = out / f"checkpoint-{stopped - 1}"
+    assert verify(kept) is None
+    assert all_finite(kept)
     for name in ("predictions.csv", "model.safetensors", "all_results.json"):
         assert not (out / name).exists(), name
+    assert not partials(out)
     assert not (out / LOCK_FILE).exists()
 
 
-def test_nonfinite_skip_drops_the_update_and_stops_after_max_skipped_updates(tiny_bert, sentiment_files,
-                                                                             tmp_path):
-    out = tmp_path / "out"
-    cfg = base(tiny_bert, sentiment_files, out, learning_rate=NAN_LR, max_steps=8, save_steps=1,
-               on_nonfinite="skip", max_skipped_updates=1)
-    proc = run(train_cmd(cli(cfg)), timeout=START_TIMEOUT)
+def test_nonfinite_skip_drops_the_update_and_stops_after_max_skipped_updates(nan_skip):
+    out, proc = nan_skip
     skipped = re.findall(r"non-finite loss or gradient norm at step (\d+); update skipped \(1/1\)", proc.stdout)
     assert len(skipped) == 1, describe(proc)
     first = int(skipped[0])
     line = assert_one_line_error(proc, f"Stopped at step {first + 1}: more than max_skipped_updates non-finite "
-                                       f"updates; the last checkpoint (checkpoint-{first}) is kept")
+                                       f"updates")
     assert "update skipped" not in line
     assert sorted(list_checkpoints(out)) == list(range(1, first + 1))
     # The skipped update was not applied: the checkpoint after it holds the weights from before it.
@@ -364,6 +385,16 @@ def test_nonfinite_skip_drops_the_update_and_stops_after_max_skipped_updates(tin
     assert all_finite(out / f"checkpoint-{first}")
     assert state_of(out / f"checkpoint-{first}")["skipped_updates"] == 1
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "src bug: loop.handle_nonfinite names Checkpointer.latest_name() while the previous step's background save "
+    "is still in flight; train._run completes that save (flush) only after the error is raised, so the message "
+    "says 'no checkpoint was written' / names an older checkpoint than the one kept"))
+def test_the_nonfinite_message_names_the_checkpoint_that_is_kept(nan_stop, nan_skip):
+    for out, proc in (nan_stop, nan_skip):
+        kept = f"checkpoint-{max(list_checkpoints(out))}"
+        assert f"; the last checkpoint ({kept}) is kept." in proc.stderr, proc.stderr
 
 
 # ============================================================================ 7: two runs, one output dir

@@ -51,8 +51,12 @@ def test_launch_sets_the_cpu_switch_only_for_fsdp_with_cpu():
     cmd = _dry_run("fsdp2", "--cpu", "2")
     assert cmd[:2] == ["ACCELERATE_USE_CPU=true", "SCALETUNE_FSDP_ON_CPU=1"]
     assert cmd[cmd.index("--config_file") + 1].endswith("accelerate_configs/fsdp2.yaml")
-    for words in (_dry_run("fsdp2", gpus="0,1"), _dry_run("fsdp2_offload", gpus="0,1"), _dry_run("multi_gpu", "--cpu", "2")):
+    for words in (_dry_run("fsdp2", gpus="0,1"), _dry_run("fsdp2_offload", gpus="0,1"),
+                  _dry_run("multi_gpu", "--cpu", "2")):
         assert not any(w.startswith("SCALETUNE_FSDP_ON_CPU") for w in words)
+    one = run_cli([LAUNCH, "fsdp2", "--cpu", "1", "--train_file", "train.csv", "--dry-run"], check=False, cwd=REPO,
+                  env={"PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}, timeout=60)
+    assert one.returncode == 2 and "needs at least 2" in one.stderr
 
 
 def test_model_checks_made_before_prepare(tmp_path):

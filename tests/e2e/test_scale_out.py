@@ -184,10 +184,10 @@ def _launch(preset: str, processes: int, args: list[str], cwd, extra=(), check=T
                    timeout=600)
 
 
-def _launch_two_machines(args: list[str], cwd):
-    """multi_node for real: two `./launch` processes (machine_rank 0 and 1) meeting at a rendezvous port."""
+def _launch_two_machines(preset: str, args: list[str], cwd):
+    """A multi-node preset for real: two `./launch` processes (machine_rank 0 and 1) meeting at a rendezvous port."""
     port = str(free_port())
-    procs = [subprocess.Popen([LAUNCH, "multi_node", "--cpu", "1", "--num_machines", "2", "--machine_rank", str(r),
+    procs = [subprocess.Popen([LAUNCH, preset, "--cpu", "1", "--num_machines", "2", "--machine_rank", str(r),
                                "--main_process_ip", "127.0.0.1", "--main_process_port", port, *args],
                               cwd=cwd, env={**os.environ, **_env()}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -210,8 +210,8 @@ def run_preset(preset: str, work) -> dict:
     first, resumed = work["root"] / f"{preset}-run", work["root"] / f"{preset}-resumed"
     for out, extra in ((first, []), (resumed, ["--resume_from_checkpoint", str(first / "checkpoint-2")])):
         args = _train_args(work, processes, out) + knobs + extra
-        if preset == "multi_node":
-            _launch_two_machines(args, cwd=work["root"])
+        if preset.endswith("multi_node"):
+            _launch_two_machines(preset, args, cwd=work["root"])
         else:
             _launch(preset, processes, args, cwd=work["root"])  # not the repo: ./launch works from anywhere
     _RUNS[preset] = {"first": first, "resumed": resumed, "processes": processes}

@@ -175,3 +175,21 @@ def test_background_and_foreground_saves_resume_identically(tiny_bert, sentiment
             p.name for p in (tmp_path / "bg1" / "checkpoint-3").iterdir())
     a, b = train_logs(runs[True]), train_logs(runs[False])
     assert [h["loss"] for h in a] == [h["loss"] for h in b]
+
+
+def test_ddp_and_compile_arguments_reach_the_accelerator(monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from scaletune.distributed import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    cfg = load_config({"train_file": "x.csv", "ddp_find_unused_parameters": True, "ddp_timeout": 77,
+                       "torch_compile_mode": "reduce-overhead"})
+    assert cfg.training.torch_compile  # a compile mode implies compiling, as Trainer
+    try:
+        acc = build_accelerator(cfg)
+        assert acc.ddp_handler.find_unused_parameters is True
+        assert acc.init_handler.timeout.total_seconds() == 77
+        assert acc.state.dynamo_plugin.mode == "reduce-overhead"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from scaletune.config import load_config
-from scaletune.losses import CrossEntropy, SparseTokenCrossEntropy
+from scaletune.losses import CrossEntropy, SparseTokenCrossEntropy, labelled_first
 from scaletune.tasks import get_task
-from scaletune.tasks.mlm import LABEL_POSITIONS, ContentSeededMLMCollator
+from scaletune.tasks.mlm import LABEL_POSITIONS, ROWS_MULTIPLE, ContentSeededMLMCollator, label_positions
 from support.mlm import line_examples, rotten_texts
 from support.tiny import make_tiny_bert
 
@@ -55,9 +55,12 @@ def test_loss_and_gradients_equal_the_full_logits_path(built):
         results.append((logits.shape, losses.detach(), items,
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (full_shape, full_losses, full_items, full_grads), (sparse_shape, sparse_losses, sparse_items, sparse_grads) = results
-    labelled = int((batch["labels"] != -100).sum())
-    assert full_shape == (*batch["input_ids"].shape, model.config.vocab_size)
-    assert sparse_shape == (labelled, model.config.vocab_size)  # only the labelled positions were projected
+    rows, width = batch["labels"].shape
+    most = int((batch["labels"] != -100).sum(dim=1).max())
+    assert full_shape == (rows, width, model.config.vocab_size)
+    # Only (about) the labelled positions were projected: the most any row has, rounded up.
+    assert sparse_shape[0] == rows and most <= sparse_shape[1] < most + ROWS_MULTIPLE and sparse_shape[1] < width
+    assert sparse_shape[2] == model.config.vocab_size
     assert torch.equal(sparse_items, full_items)
     torch.testing.assert_close(sparse_losses, full_losses, rtol=1e-5, atol=1e-6)
     assert sparse_grads.keys() == full_grads.keys()
@@ -70,7 +73,7 @@ def test_label_smoothing_matches_too():
     labels = torch.full((3, 7), -100)
     labels[0, 1], labels[0, 5], labels[2, 0] = 4, 9, 2
     full = torch.randn(3, 7, 11)
-    compact = full[labels != -100]
+    compact = full.gather(1, labelled_first(labels, 2).unsqueeze(-1).expand(-1, -1, 11))  # B x K x V, K = 2
     for smoothing in (0.0, 0.1):
         want = CrossEntropy(label_smoothing=smoothing).per_sample(full, labels)
         got = SparseTokenCrossEntropy(label_smoothing=smoothing).per_sample(compact, labels)
@@ -97,17 +100,32 @@ def test_a_batch_without_labelled_positions(built):
     task, model, cfg, *_ = built
     batch = batch_of(built, n=2)
     batch["labels"].fill_(-100)
-    batch[LABEL_POSITIONS] = batch[LABEL_POSITIONS][:0]
+    batch[LABEL_POSITIONS] = label_positions(batch["labels"])
     logits = model(**split(batch)[0]).logits
     losses, items = task.loss(cfg).per_sample(logits, batch["labels"])
-    assert logits.shape[0] == 0 and losses.tolist() == [0.0, 0.0] and items.tolist() == [0.0, 0.0]
+    assert logits.shape[1] == 4  # 2 rows x 4 = a multiple of 8 rows, all padding
+    assert losses.tolist() == [0.0, 0.0] and items.tolist() == [0.0, 0.0]
+
+
+def test_label_positions_order_and_size():
+    labels = torch.full((3, 10), -100)
+    labels[0, [2, 7]] = 5
+    labels[1, [0, 1, 4, 9]] = 6
+    positions = label_positions(labels)
+    assert positions.shape == (3, 8)  # the most per row (4), raised until 3 x K is a multiple of 8
+    assert positions[0, :2].tolist() == [2, 7] and positions[1, :4].tolist() == [0, 1, 4, 9]
+    for row in range(3):  # padding slots point at unlabelled columns, each column once
+        assert len(set(positions[row].tolist())) == 8
+        assert (labels[row, positions[row, (labels[row] != -100).sum():]] == -100).all()
+    labels[2, :] = 1  # a full row: K would be the row length, so no positions (full logits, same cost)
+    assert label_positions(labels) is None
 
 
 def test_collators_emit_positions_only_for_a_model_that_reads_them(built):
     task, _, cfg, tokenizer, _ = built
     batch = batch_of(built)
-    flat = (batch["labels"].reshape(-1) != -100).nonzero().reshape(-1)
-    assert torch.equal(batch[LABEL_POSITIONS], flat)
+    assert torch.equal(batch[LABEL_POSITIONS], label_positions(batch["labels"]))
+    assert batch[LABEL_POSITIONS].shape[0] == batch["labels"].shape[0]  # batch-major: accelerate may slice it
     # A task that built no model (its collator handed to transformers.Trainer, say) gives the plain batch.
     plain = get_task("mlm").collator(tokenizer, cfg, True)(line_examples(tokenizer, rotten_texts(4)))
     assert set(plain) == {"input_ids", "token_type_ids", "attention_mask", "labels"}

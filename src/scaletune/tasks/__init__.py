@@ -1,4 +1,5 @@
-"""Task registry: `task: classification | regression | multilabel | mlm` picks one module here."""
+"""Task registry: `task: classification | regression | multilabel | mlm | token_classification | clm` picks one
+module here."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ TASKS = {
     "regression": "scaletune.tasks.regression:RegressionTask",
     "multilabel": "scaletune.tasks.multilabel:MultiLabelTask",
     "mlm": "scaletune.tasks.mlm:MaskedLMTask",
+    "token_classification": "scaletune.tasks.token_classification:TokenClassificationTask",
+    "clm": "scaletune.tasks.clm:CausalLMTask",
 }
 
 # transformers' `config.problem_type` of an exported sequence-classification model -> the task that reads it.

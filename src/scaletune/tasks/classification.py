@@ -136,6 +136,8 @@ class ClassificationTask(Task):
 
     def __init__(self):
         self._chosen: Optional[Task] = None
+        self.new_parameters: set[str] = set()
+        """Names of the parameters `build_model` initialised afresh (not in the checkpoint)."""
 
     # ------------------------------------------------------------------ data
     def text_columns(self, columns: list[str], cfg) -> tuple[str, ...]:
@@ -350,10 +352,15 @@ class ClassificationTask(Task):
             model_path(m.config_name or m.model_name_or_path), **self.model_config_kwargs(prepared),
             cache_dir=m.cache_dir, revision=m.model_revision, trust_remote_code=m.trust_remote_code,
         )
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             model_path(m.model_name_or_path), config=config, cache_dir=m.cache_dir, revision=m.model_revision,
             trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
+            output_loading_info=True,
         )
+        # Parameters the checkpoint did not provide (a new head): a task may initialise them (multilabel does).
+        self.new_parameters = {k if isinstance(k, str) else k[0]
+                               for k in (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))}
+        return model
 
     @_delegated
     def loss(self, cfg) -> ItemLoss:

@@ -82,6 +82,8 @@ class MultiLabelTask(ClassificationTask):
         self.delimiter: Optional[str] = None
         self._labels: list[str] = []
         self._majority_set: Optional[tuple] = None
+        self._label_frequency: list[float] = []
+        self._train_rows = 0
 
     # ------------------------------------------------------------------ data
     def _parsed(self, ds, col: str, split: str) -> list:
@@ -115,6 +117,9 @@ class MultiLabelTask(ClassificationTask):
                             f"at least one label to learn.")
         self._majority_set = Counter(sets).most_common(1)[0][0]
         self._labels = labels
+        counts = Counter(lab for s in sets for lab in s)
+        self._label_frequency = [counts[lab] / len(sets) for lab in labels]
+        self._train_rows = len(sets)
         return labels
 
     def _test_unlabelled(self, value, classlabel, labels) -> bool:
@@ -136,6 +141,11 @@ class MultiLabelTask(ClassificationTask):
 
     def loss(self, cfg) -> ItemLoss:
         return BinaryCrossEntropy()
+
+    def build_model(self, cfg, prepared: PreparedData, tokenizer):
+        model = super().build_model(cfg, prepared, tokenizer)
+        init_head_bias_to_prior(model, self.new_parameters, self._label_frequency, self._train_rows)
+        return model
 
     # ------------------------------------------------------------------ outputs
     def _as_matrix(self, predictions: np.ndarray) -> np.ndarray:
@@ -165,6 +175,28 @@ class MultiLabelTask(ClassificationTask):
         logits = self._as_matrix(predictions)
         write_multilabel_predictions(path, logits, prepared.test_ids, model_config.id2label, self.threshold,
                                      self.delimiter or DEFAULT_DELIMITER)
+
+
+def init_head_bias_to_prior(model, new_parameters: set[str], frequency: list[float], num_rows: int) -> bool:
+    """Start a newly initialised head's bias at each label's log-odds in train (the prior), as detection heads
+    are initialised (RetinaNet). With rare labels a zero bias predicts 0.5 for every slot, and the first epoch
+    of updates goes into learning how rare each label is -- large, uniform gradients that also pull the
+    encoder -- before any into which texts carry which label. A head loaded from the checkpoint is left alone.
+    Returns whether a bias was set."""
+    import torch
+
+    width = len(frequency)
+    for name, module in reversed(list(model.named_modules())):
+        if isinstance(module, torch.nn.Linear) and module.out_features == width and module.bias is not None:
+            if f"{name}.bias" not in new_parameters:
+                return False
+            # Clamped half a row away from 0 and 1: a label in every (or no) train row gets a finite log-odds.
+            eps = 0.5 / max(num_rows, 1)
+            p = torch.tensor(frequency, dtype=torch.float64).clamp(eps, 1 - eps)
+            with torch.no_grad():
+                module.bias.copy_(torch.log(p / (1 - p)).to(module.bias.dtype))
+            return True
+    return False
 
 
 class _MultiHot:

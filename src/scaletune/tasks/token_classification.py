@@ -1,0 +1,574 @@
+"""Token classification (named entities, part of speech, chunks), as transformers' `run_ner.py`.
+
+Data: rows with a list of words (`tokens`) and one tag per word (`ner_tags`: strings, or a `ClassLabel`
+sequence as hub datasets ship them), or CoNLL files -- one `word ... tag` per line (first column the word, last
+column the tag), a blank line between sentences -- as `.conll`, or `.txt` under `task: token_classification`.
+
+* the tag set is the `ClassLabel` names, else the sorted distinct tags of the train split (run_ner.py);
+* words are split into sub-words by a fast tokenizer; the first sub-word of each word carries the word's tag
+  and the others -100 (not counted), or -- with `label_all_tokens` -- the word's tag too, `B-X` turned into
+  `I-X` as run_ner.py does;
+* loss: cross-entropy over the labelled sub-words, through the loss seam (`losses.CrossEntropy`);
+* metrics: entity-level precision / recall / F1 and tag accuracy with `seqeval` (per entity type too with
+  `return_entity_level_metrics`), sentence by sentence;
+* predictions: the test split written back at word level in CoNLL form (`word<TAB>predicted tag`, a blank
+  line between sentences).
+
+Bad data stops the run before the model loads, with one message naming the rows: a sentence with no words, an
+empty word, words and tags of different lengths, a validation/test tag the training data does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..losses import IGNORE_INDEX
+from .base import PreparedData, Task
+from .classification import is_list_feature, row_names
+
+logger = logging.getLogger(__name__)
+
+CONLL_SUFFIXES = (".conll", ".txt")
+"""Local files read as CoNLL under `task: token_classification`."""
+DOCSTART = "-DOCSTART-"
+_WORD_COLUMNS = ("tokens", "words")
+_TAG_COLUMNS = ("ner_tags", "tags", "pos_tags", "chunk_tags")
+DEFAULT_MAX_LENGTH = 512
+"""Sub-words per sentence when max_seq_length is unset and the tokenizer states no limit of its own."""
+
+
+# --------------------------------------------------------------------------- CoNLL files
+
+
+def read_conll(path: str, require_tags: bool = True) -> tuple[list[list[str]], Optional[list[list[str]]]]:
+    """(sentences of words, sentences of tags) from a CoNLL file; tags None when no line has a tag column.
+
+    A line is tab separated when it holds a tab (a word may then contain spaces), else whitespace separated;
+    the first column is the word and the last the tag (CoNLL-2003's POS and chunk columns in between are
+    ignored). A blank line -- or one of tabs and spaces -- ends a sentence. `-DOCSTART-` lines are CoNLL-2003's
+    document markers: a sentence boundary, not a word. With `require_tags=False` a file of one word per line
+    (nothing to score, just to tag) is read too.
+    """
+    sentences: list[list[str]] = []
+    tags: list[list[str]] = []
+    words: list[str] = []
+    labels: list[str] = []
+    untagged_line = tagged_line = None
+
+    def flush():
+        if words:
+            sentences.append(list(words))
+            tags.append(list(labels))
+        words.clear()
+        labels.clear()
+
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                flush()
+                continue
+            parts = line.split("\t") if "\t" in line else line.split()
+            if parts[0].strip() == DOCSTART:
+                flush()
+                continue
+            if len(parts) < 2 or not parts[-1].strip():
+                if require_tags:
+                    raise DataError(f"{path} line {lineno} ({line.strip()!r}) has no tag column; CoNLL lines are "
+                                    f"`word ... tag` (first column the word, last the tag), a blank line between "
+                                    f"sentences.")
+                untagged_line = untagged_line or lineno
+                words.append(parts[0])
+                continue
+            if not parts[0].strip():
+                raise DataError(f"{path} line {lineno} has an empty word before its tag {parts[-1].strip()!r}; "
+                                f"remove the line or put the word in the first column.")
+            tagged_line = tagged_line or lineno
+            words.append(parts[0])
+            labels.append(parts[-1].strip())
+    flush()
+    if untagged_line and tagged_line:
+        raise DataError(f"{path} mixes tagged lines (line {tagged_line}) with untagged ones (line {untagged_line}); "
+                        f"give every word a tag, or none (a file to predict).")
+    return sentences, (None if untagged_line else tags)
+
+
+def is_conll_file(path: Optional[str]) -> bool:
+    return bool(path) and Path(path).suffix.lower() in CONLL_SUFFIXES
+
+
+def conll_dataset(path: str, require_tags: bool = True):
+    """A CoNLL file as a `datasets.Dataset` with `id` (sentence index), `tokens` and, when tagged, `ner_tags`."""
+    import datasets
+
+    words, tags = read_conll(path, require_tags)
+    if not words:
+        raise DataError(f"{path} holds no sentence (no `word ... tag` line); check the file.")
+    columns = {"id": list(range(len(words))), "tokens": words}
+    if tags is not None:
+        columns["ner_tags"] = tags
+    return datasets.Dataset.from_dict(columns)
+
+
+def _conll_splits(raw, cfg):
+    """Local CoNLL files re-read as sentences.
+
+    `data.load_raw_datasets` reads `.txt` with the `text` builder, one row per line -- and has then carved the
+    validation split and applied max_*_samples on *lines*, which would cut sentences apart. The files are
+    read again here, as sentences, and the carving and limits are applied to sentences, with the same rules
+    (seeded `train_test_split`, first N rows).
+    """
+    import datasets
+
+    from ..data import data_files
+
+    files = data_files(cfg)
+    if not files or not all(is_conll_file(p) for p in files.values()):
+        return raw
+    if any(set(ds.column_names) != {"text"} for ds in raw.values()):
+        return raw  # already rows of words and tags (a reader upstream understood the files)
+    d, t = cfg.data, cfg.training
+    out = datasets.DatasetDict({split: conll_dataset(path) for split, path in files.items()})
+    if "validation" not in out and "train" in out and d.validation_split_percentage > 0:
+        carved = out["train"].train_test_split(test_size=d.validation_split_percentage / 100, seed=t.seed,
+                                               shuffle=True)
+        out["train"], out["validation"] = carved["train"], carved["test"]
+    for split, limit in (("train", d.max_train_samples), ("validation", d.max_eval_samples),
+                         ("test", d.max_predict_samples)):
+        if split in out and limit is not None:
+            out[split] = out[split].select(range(min(limit, len(out[split]))))
+    return out
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def align_labels(word_ids: list, word_labels: Optional[list[int]], label_all_tokens: bool,
+                 b_to_i: list[int]) -> list[int]:
+    """Sub-word labels from word labels (run_ner.py's `tokenize_and_align_labels`).
+
+    Special tokens (word id None) get -100; the first sub-word of a word its label; the following sub-words
+    -100, or with `label_all_tokens` the word's label with B-X replaced by I-X (an entity starts once).
+    Without word labels (a file to predict) every position is -100.
+    """
+    out = []
+    previous = None
+    for w in word_ids:
+        if w is None or word_labels is None:
+            out.append(IGNORE_INDEX)
+        elif w != previous:
+            out.append(word_labels[w])
+        else:
+            out.append(b_to_i[word_labels[w]] if label_all_tokens else IGNORE_INDEX)
+        previous = w
+    return out
+
+
+def b_to_i_map(label_list: list[str]) -> list[int]:
+    """For each tag id, the id of its inside tag (`B-PER` -> `I-PER`) when the tag set has one, else itself."""
+    index = {lab: i for i, lab in enumerate(label_list)}
+    out = []
+    for i, lab in enumerate(label_list):
+        inside = "I-" + lab[2:] if lab.startswith("B-") else None
+        out.append(index.get(inside, i))
+    return out
+
+
+def split_sentences(predictions: np.ndarray, label_ids: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Cut evaluation's flat outputs back into sentences.
+
+    Evaluation keeps the labelled positions of every sample, in dataset order, concatenated; `preprocess_logits`
+    sends, next to each predicted tag, a flag that is 1 at a sentence's first labelled position. Entities must
+    not run from the end of one sentence into the next (B-PER | I-PER would merge), so seqeval gets sentences.
+    """
+    predictions = np.asarray(predictions)
+    label_ids = np.asarray(label_ids).reshape(-1)
+    if predictions.ndim == 1:  # no flags (a caller's own preprocess): one sequence
+        return [predictions], [label_ids]
+    tags, starts = predictions[:, 0], predictions[:, 1]
+    cuts = np.flatnonzero(starts == 1)
+    if len(cuts) == 0 or cuts[0] != 0:
+        cuts = np.concatenate(([0], cuts))
+    return np.split(tags, cuts[1:]), np.split(label_ids, cuts[1:])
+
+
+def entity_metrics(true_tags: list[list[str]], predicted_tags: list[list[str]], per_type: bool = False) -> dict:
+    """seqeval's entity-level precision, recall, F1 (micro over entities) and tag accuracy, as the `seqeval`
+    metric of `evaluate` reports them to run_ner.py; with `per_type`, `<type>_precision/_recall/_f1/_number`."""
+    from seqeval.metrics import accuracy_score, classification_report
+
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore")  # seqeval warns about labels with no entity: the scores say it (0)
+        report = classification_report(true_tags, predicted_tags, output_dict=True, zero_division=0)
+        accuracy = accuracy_score(true_tags, predicted_tags)
+    overall = report["micro avg"]
+    out = {"precision": float(overall["precision"]), "recall": float(overall["recall"]),
+           "f1": float(overall["f1-score"]), "accuracy": float(accuracy)}
+    if per_type:
+        for name, scores in report.items():
+            if name.endswith(" avg"):
+                continue
+            out.update({f"{name}_precision": float(scores["precision"]), f"{name}_recall": float(scores["recall"]),
+                        f"{name}_f1": float(scores["f1-score"]), f"{name}_number": int(scores["support"])})
+    return out
+
+
+def write_conll(path, sentences: list[list[str]], tags: list[list[str]]) -> None:
+    """`word<TAB>tag` per line, a blank line after each sentence; written through a temporary file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for words, labels in zip(sentences, tags):
+            f.writelines(f"{w}\t{t}\n" for w, t in zip(words, labels))
+            f.write("\n")
+    tmp.replace(path)
+
+
+def word_tags(word_count: int, positions: list[int], predicted: list[str], fallback: str) -> tuple[list[str], int]:
+    """Word-level tags from predictions at labelled sub-word positions (`positions[i]` is the word of the i-th):
+    each word takes its first sub-word's tag. A word with no prediction -- cut off by max_seq_length, or a word
+    the tokenizer turns into no sub-word at all -- gets `fallback`; their number is returned to be logged."""
+    out: list[Optional[str]] = [None] * word_count
+    for w, tag in zip(positions, predicted):
+        if out[w] is None:
+            out[w] = tag
+    missing = sum(t is None for t in out)
+    return [fallback if t is None else t for t in out], missing
+
+
+# --------------------------------------------------------------------------- the task
+
+
+class TokenClassificationTask(Task):
+    """`task: token_classification`: a tag per word (NER), AutoModelForTokenClassification."""
+
+    name = "token_classification"
+    metric_names = ("loss", "precision", "recall", "f1", "accuracy")
+
+    def __init__(self):
+        self.fixed_labels: Optional[list[str]] = None
+        """Tag names in id order to use instead of the train split's (`scaletune.predict`: the model's own)."""
+        self.label_list: list[str] = []
+        self.per_type = False
+        self.test_words: Optional[list[list[str]]] = None
+        """The test split's words, for the word-level prediction file."""
+        self.test_positions: Optional[list[list[int]]] = None
+        """Per test sentence, the word of each labelled sub-word position, in order."""
+        self.test_word_index: Optional[list[list[int]]] = None
+        """Per test sentence, the word of every sub-word position (-1 for special tokens): what `predict` reads."""
+
+    # ------------------------------------------------------------------ data
+    def prepare_data(self, raw, tokenizer, cfg, main_process_first: Callable) -> PreparedData:
+        d = cfg.data
+        self.per_type = d.return_entity_level_metrics
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError(f"Token classification needs a fast tokenizer (it maps sub-words back to words), and "
+                              f"{type(tokenizer).__name__} is not one; use a model with a tokenizer.json, or set "
+                              f"tokenizer_name to one.")
+        raw = _conll_splits(raw, cfg)
+        splits = {s: raw[s] for s in ("train", "validation", "test") if s in raw}
+        if not splits:
+            raise DataError("The dataset has no train, validation or test split.")
+        words_col, tags_col = self.columns(splits, cfg)
+        for split, ds in splits.items():
+            self._check_rows(split, ds, words_col, tags_col)
+        labels = self._label_list(splits, tags_col)
+        self.label_list = labels
+        to_ids = self._tag_encoder(splits, tags_col, labels)
+        max_length = _max_length(d.max_seq_length, tokenizer, cfg)
+        prepared = PreparedData(label_list=labels, info={"words_column": words_col, "tags_column": tags_col,
+                                                          "max_seq_length": max_length})
+        encode = _Encoder(tokenizer, words_col, tags_col, to_ids, max_length, d.label_all_tokens, b_to_i_map(labels))
+        with main_process_first():
+            for split, ds in splits.items():
+                tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names,
+                                   num_proc=d.preprocessing_num_workers, load_from_cache_file=not d.overwrite_cache,
+                                   desc=f"Tokenizing and aligning tags ({split})")
+                self._log_lost_words(split, tokenized)
+                if split == "test":
+                    self.test_words = [list(w) for w in ds[words_col]]
+                    self.test_word_index = [list(w) for w in tokenized["word_index"]]
+                    self.test_positions = [[w for w, lab in zip(wi, labs) if lab != IGNORE_INDEX]
+                                           for wi, labs in zip(self.test_word_index, tokenized["labels"])]
+                    ids_col = next((c for c in ("id", "idx", "guid") if c in ds.column_names), None)
+                    prepared.test_ids = list(ds[ids_col]) if ids_col else list(range(len(ds)))
+                setattr(prepared, split, tokenized.remove_columns(["word_index", "lost_words"]))
+        return prepared
+
+    def columns(self, splits: dict, cfg) -> tuple[str, Optional[str]]:
+        """(words column, tags column): `text_column_name` else `tokens`/`words`; `label_column_name` when the
+        data has it, else `ner_tags`/`tags`/`pos_tags`/`chunk_tags`. The tags column may be absent only from
+        a split that is predicted without metrics (`scaletune.predict`)."""
+        d = cfg.data
+        first = splits.get("train", next(iter(splits.values())))
+        names = list(first.column_names)
+        if d.text_column_name is not None:
+            if d.text_column_name not in names:
+                raise DataError(f"text_column_name={d.text_column_name!r} is not a column of the data; columns: "
+                                f"{', '.join(names)}. Set --text_column_name to the column of word lists.")
+            words = d.text_column_name
+        else:
+            words = next((c for c in _WORD_COLUMNS if c in names), None)
+            if words is None:
+                raise DataError(f"No column of words (tokens, words) among {', '.join(names)}; set "
+                                f"--text_column_name, or give CoNLL files (`word ... tag` per line).")
+        candidates = [c for split_ds in splits.values() for c in split_ds.column_names]
+        tags = d.label_column_name if d.label_column_name in candidates else next(
+            (c for c in _TAG_COLUMNS if c in candidates), None)
+        for split, ds in splits.items():
+            missing = [c for c in (words, tags) if c is not None and c not in ds.column_names]
+            if words in missing:
+                raise DataError(f"The {split} split has no {words!r} column of words; columns: "
+                                f"{', '.join(ds.column_names)}.")
+            if missing and (split != "test" or self.fixed_labels is None):
+                raise DataError(f"The {split} split has no {tags!r} column of tags; columns: "
+                                f"{', '.join(ds.column_names)}. Token classification needs a tag per word to train, "
+                                f"evaluate and test (tag a file without tags with `python -m scaletune.predict`).")
+        if tags is None and self.fixed_labels is None:
+            raise DataError(f"No column of tags (ner_tags, tags, pos_tags, chunk_tags) among {', '.join(names)}; "
+                            f"set --label_column_name.")
+        return words, tags
+
+    @staticmethod
+    def _check_rows(split: str, ds, words_col: str, tags_col: Optional[str]) -> None:
+        """Every row: a non-empty list of non-empty words, and (when tagged) exactly one tag per word."""
+        has_tags = tags_col is not None and tags_col in ds.column_names
+        problems: dict[str, list[int]] = {"no words": [], "an empty word": [], "ragged": [], "a missing tag": []}
+        tag_lists = ds[tags_col] if has_tags else None
+        for i, words in enumerate(ds[words_col]):
+            if not words:
+                problems["no words"].append(i)
+                continue
+            if any(not isinstance(w, str) or not w.strip() for w in words):
+                problems["an empty word"].append(i)
+            if has_tags:
+                tags = tag_lists[i]
+                if tags is None or len(tags) != len(words):
+                    problems["ragged"].append(i)
+                elif any(t is None or (isinstance(t, str) and not t.strip()) for t in tags):
+                    problems["a missing tag"].append(i)
+        rows = problems["no words"]
+        if rows:
+            raise DataError(f"The {split} split has {len(rows)} sentence(s) with no words ({row_names(ds, rows)}); "
+                            f"remove them or fill in their {words_col!r}.")
+        rows = problems["an empty word"]
+        if rows:
+            raise DataError(f"The {split} split has {len(rows)} sentence(s) with an empty or non-text word "
+                            f"({row_names(ds, rows)}); every entry of {words_col!r} must be a word.")
+        rows = problems["ragged"]
+        if rows:
+            i = rows[0]
+            n_tags = len(tag_lists[i]) if tag_lists[i] is not None else 0
+            raise DataError(f"The {split} split has {len(rows)} sentence(s) whose {words_col!r} and {tags_col!r} differ "
+                            f"in length ({row_names(ds, rows)}; the first has {len(ds[i][words_col])} words and "
+                            f"{n_tags} tags); give exactly one tag per word.")
+        rows = problems["a missing tag"]
+        if rows:
+            raise DataError(f"The {split} split has {len(rows)} sentence(s) with a missing tag in {tags_col!r} "
+                            f"({row_names(ds, rows)}); give every word a tag (`O` outside entities).")
+
+    def _label_list(self, splits: dict, tags_col: Optional[str]) -> list[str]:
+        """The model's tags when predicting; else ClassLabel names; else the sorted distinct tags of train."""
+        if self.fixed_labels is not None:
+            return list(self.fixed_labels)
+        source = splits.get("train", splits.get("validation", next(iter(splits.values()))))
+        names = _classlabel_names(source.features[tags_col])
+        if names is not None:
+            return names
+        values = {t for tags in source[tags_col] for t in tags}
+        if any(not isinstance(v, str) for v in values):
+            raise DataError(f"The tags in {tags_col!r} are numbers without names; token classification needs tag "
+                            f"names (B-PER, I-PER, O) to score entities: give string tags or a ClassLabel feature.")
+        return sorted(values)
+
+    @staticmethod
+    def _tag_encoder(splits: dict, tags_col: Optional[str], labels: list[str]) -> dict:
+        """tag (name, or ClassLabel id) -> id in `labels`; a tag outside `labels` in any split is an error."""
+        to_id: dict = {lab: i for i, lab in enumerate(labels)}
+        for split, ds in splits.items():
+            if tags_col is None or tags_col not in ds.column_names:
+                continue
+            names = _classlabel_names(ds.features[tags_col])
+            if names is not None:
+                to_id.update({j: to_id[n] for j, n in enumerate(names) if n in to_id})
+                seen = {names[t] if isinstance(t, int) and 0 <= t < len(names) else t
+                        for tags in ds[tags_col] for t in tags}
+            else:
+                seen = {t for tags in ds[tags_col] for t in tags}
+            unknown = sorted((t for t in seen if t not in to_id), key=str)
+            if unknown:
+                raise DataError(f"The {split} split has tags {unknown[:5]} that are not among the {len(labels)} "
+                                f"training tags {labels[:12]}; fix the data or train on a split that has every tag.")
+        return to_id
+
+    @staticmethod
+    def _log_lost_words(split: str, tokenized) -> None:
+        lost = sum(tokenized["lost_words"])
+        if lost:
+            logger.warning("%s: %d word(s) have no sub-word within max_seq_length (cut off by truncation, or text "
+                           "the tokenizer drops): they are not trained on or scored, and are written with tag O in "
+                           "prediction files.", split, lost)
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, cfg, prepared: PreparedData, tokenizer):
+        from transformers import AutoConfig, AutoModelForTokenClassification
+
+        from ..assets import model_path
+
+        m = cfg.model
+        labels = [str(x) for x in prepared.label_list]
+        config = AutoConfig.from_pretrained(
+            model_path(m.config_name or m.model_name_or_path), num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
+            finetuning_task="ner", cache_dir=m.cache_dir, revision=m.model_revision,
+            trust_remote_code=m.trust_remote_code,
+        )
+        return AutoModelForTokenClassification.from_pretrained(
+            model_path(m.model_name_or_path), config=config, cache_dir=m.cache_dir, revision=m.model_revision,
+            trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
+        )
+
+    def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+
+    # ------------------------------------------------------------------ outputs
+    def preprocess_logits(self, logits, labels):
+        """(batch, length, 2): the predicted tag id, and 1 at each sentence's first labelled position."""
+        import torch
+
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        predicted = logits.argmax(dim=-1)
+        if labels is None:
+            return predicted
+        counted = labels != IGNORE_INDEX
+        first = counted & (counted.cumsum(dim=1) == 1)
+        return torch.stack((predicted, first.to(predicted.dtype)), dim=-1)
+
+    def tag_names(self, ids) -> list[str]:
+        return [self.label_list[int(i)] for i in ids]
+
+    def compute_metrics(self, predictions: np.ndarray, label_ids: np.ndarray) -> dict:
+        predicted, true = split_sentences(predictions, label_ids)
+        return entity_metrics([self.tag_names(s) for s in true], [self.tag_names(s) for s in predicted],
+                              self.per_type)
+
+    def outside_tag(self) -> str:
+        """The tag of a word in no entity: `O`, else (a tag set without it) the first tag."""
+        return "O" if "O" in self.label_list else self.label_list[0]
+
+    def baseline(self, dataset) -> Optional[str]:
+        """Every word tagged `O`: no entity found, so entity F1 is 0; accuracy is the share of O tags."""
+        if dataset is None or "labels" not in getattr(dataset, "column_names", ()) or not self.label_list:
+            return None
+        outside = self.label_list.index(self.outside_tag())
+        counted = [lab for row in dataset["labels"] for lab in row if lab != IGNORE_INDEX]
+        if not counted:
+            return None
+        accuracy = sum(lab == outside for lab in counted) / len(counted)
+        return f"all-{self.outside_tag()} tagger f1 0, accuracy {accuracy:.4g}"
+
+    def write_predictions(self, path, predictions: np.ndarray, prepared: PreparedData, model_config) -> None:
+        """The test sentences with their predicted tags, word by word, in CoNLL form."""
+        if self.test_words is None or self.test_positions is None:
+            return
+        predictions = np.asarray(predictions)
+        tags = predictions[:, 0] if predictions.ndim == 2 else predictions.reshape(-1)
+        names = _id2label(model_config, self.label_list)
+        out, offset, missing = [], 0, 0
+        for words, positions in zip(self.test_words, self.test_positions):
+            predicted = [names[int(t)] for t in tags[offset: offset + len(positions)]]
+            offset += len(positions)
+            sentence_tags, lost = word_tags(len(words), positions, predicted, self.outside_tag())
+            out.append(sentence_tags)
+            missing += lost
+        if offset != len(tags):
+            raise RuntimeError(f"{len(tags)} test predictions for {offset} labelled positions: the predictions are "
+                               f"not those of this test split.")
+        write_conll(path, self.test_words, out)
+        if missing:
+            logger.warning("%d test word(s) had no prediction (no sub-word within max_seq_length) and were written "
+                           "with tag %s.", missing, self.outside_tag())
+
+    def predict_words(self, argmax_rows: list[np.ndarray]) -> tuple[list[list[str]], int]:
+        """Word tags of the test sentences from each sentence's argmax over its sub-word positions (`predict`)."""
+        out, missing = [], 0
+        for words, word_index, row in zip(self.test_words, self.test_word_index, argmax_rows):
+            positions, predicted = [], []
+            for w, tag in zip(word_index, row):
+                if w >= 0:
+                    positions.append(w)
+                    predicted.append(self.label_list[int(tag)])
+            sentence_tags, lost = word_tags(len(words), positions, predicted, self.outside_tag())
+            out.append(sentence_tags)
+            missing += lost
+        return out, missing
+
+
+class _Encoder:
+    """Tokenize word lists and align tags (a class, not a closure: the `datasets` cache key is its settings)."""
+
+    def __init__(self, tokenizer, words_col, tags_col, to_ids, max_length, label_all_tokens, b_to_i):
+        self.tokenizer = tokenizer
+        self.words_col, self.tags_col = words_col, tags_col
+        self.to_ids = to_ids
+        self.max_length = max_length
+        self.label_all_tokens = label_all_tokens
+        self.b_to_i = b_to_i
+
+    def __call__(self, batch):
+        words = batch[self.words_col]
+        enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length)
+        tags = batch.get(self.tags_col) if self.tags_col else None
+        labels, word_index, lost = [], [], []
+        for i, sentence in enumerate(words):
+            ids = enc.word_ids(batch_index=i)
+            word_labels = [self.to_ids[t] for t in tags[i]] if tags is not None else None
+            labels.append(align_labels(ids, word_labels, self.label_all_tokens, self.b_to_i))
+            word_index.append([-1 if w is None else w for w in ids])
+            lost.append(len(sentence) - len({w for w in ids if w is not None}))
+        enc["labels"] = labels
+        enc["word_index"] = word_index
+        enc["lost_words"] = lost
+        return enc
+
+
+def _classlabel_names(feature) -> Optional[list[str]]:
+    inner = getattr(feature, "feature", None) if is_list_feature(feature) else None
+    return list(inner.names) if inner is not None and hasattr(inner, "names") else None
+
+
+def _id2label(model_config, fallback: list[str]) -> list[str]:
+    id2label = getattr(model_config, "id2label", None) or {}
+    if len(id2label) != len(fallback):
+        return list(fallback)
+    return [id2label[i] if i in id2label else id2label[str(i)] for i in range(len(fallback))]
+
+
+def _max_length(requested: Optional[int], tokenizer, cfg) -> int:
+    """max_seq_length, else the tokenizer's limit (run_ner.py); either capped by the model's position table, which
+    a longer sentence would overrun in its first forward pass."""
+    from transformers import AutoConfig
+
+    from ..assets import model_path
+
+    m = cfg.model
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else DEFAULT_MAX_LENGTH
+    positions = getattr(AutoConfig.from_pretrained(model_path(m.config_name or m.model_name_or_path),
+                                                   cache_dir=m.cache_dir, revision=m.model_revision,
+                                                   trust_remote_code=m.trust_remote_code),
+                        "max_position_embeddings", None)
+    if positions:
+        limit = min(limit, positions)
+    if requested and requested > limit:
+        logger.warning("max_seq_length=%d exceeds the model's limit %d; using %d.", requested, limit, limit)
+    return min(requested, limit) if requested else limit

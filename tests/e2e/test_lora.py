@@ -1,0 +1,190 @@
+"""LoRA (peft) end to end: the real pretrained MiniLM for classification and MLM in one process, then every
+backend (DDP, ZeRO-2, ZeRO-3, FSDP2) on two CPU processes with a tiny BERT.
+
+What is checked: the trainable share printed at start, checkpoints that hold the adapter and not the frozen
+model, the best-model reload of the adapter, and two exports that reproduce the run's evaluation: the
+adapter loaded with `PeftModel.from_pretrained`, and the merged model loaded with plain `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from scaletune.assets import model_path
+from scaletune.train import run
+from support.tiny import REPO, run_cli
+
+MINILM = "packaged:minilm"
+QUIET = {"disable_tqdm": True, "report_to": "none", "do_predict": False, "logging_steps": 1}
+# Evaluate and save at steps 2 and 4; the inverted metric makes step 2 the best, so the end-of-training reload
+# has to bring back an older adapter than the last one.
+BEST_IS_STEP_2 = {"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2, "save_steps": 2,
+                  "load_best_model_at_end": True, "metric_for_best_model": "loss", "greater_is_better": True}
+
+
+def _evals(log_history) -> dict:
+    return {h["step"]: h for h in log_history if "eval_loss" in h}
+
+
+def _keys(path: Path) -> set:
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _evaluate(model, tokenizer, validation_file: str) -> dict:
+    """What the user does with an exported model: tokenize, predict, score (no scaletune code)."""
+    import pandas as pd
+    import torch
+    import torch.nn.functional as F
+
+    df = pd.read_csv(validation_file)
+    enc = tokenizer(list(df["text"]), padding=True, truncation=True, max_length=128, return_tensors="pt")
+    labels = torch.tensor([model.config.label2id[str(y)] for y in df["label"]])
+    with torch.no_grad():
+        logits = model.eval()(**enc).logits.float()
+    return {"eval_loss": F.cross_entropy(logits, labels).item(),
+            "eval_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+
+
+# --------------------------------------------------------------------------- the real MiniLM, one process
+
+
+@pytest.fixture(scope="module")
+def minilm_classifier(tmp_path_factory, sentiment_files):
+    out = tmp_path_factory.mktemp("lora_minilm") / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # the start-up line (accelerator.print) and the end screen
+        result = run({**QUIET, **BEST_IS_STEP_2, "model_name_or_path": MINILM, **sentiment_files,
+                      "per_device_train_batch_size": 8, "learning_rate": 5e-3, "use_peft": True,
+                      "output_dir": str(out)})
+    return {"result": result, "out": out, "printed": stdout.getvalue().splitlines(), **sentiment_files}
+
+
+def test_trainable_share_is_printed_and_small(minilm_classifier):
+    line = next(p for p in minilm_classifier["printed"] if "trainable parameters" in p)
+    trainable, total, share = re.search(r"trainable parameters ([\d,]+) of ([\d,]+) \(([\d.]+)%\)", line).groups()
+    trainable, total = int(trainable.replace(",", "")), int(total.replace(",", ""))
+    # r=8 on query and value of 6 layers (384 wide), plus the 2-label classifier trained whole
+    assert trainable == 6 * 2 * (384 * 8 + 8 * 384) + (384 * 2 + 2)
+    assert float(share) < 2 and "on query,value" in line and "trained whole: classifier" in line
+    assert total > 22_000_000
+
+
+def test_checkpoints_hold_the_adapter_not_the_frozen_model(minilm_classifier):
+    out = minilm_classifier["out"]
+    ckpt = out / "checkpoint-4"
+    assert not (ckpt / "model.safetensors").exists() and (ckpt / "adapter" / "adapter_config.json").is_file()
+    keys = _keys(ckpt / "adapter" / "adapter_model.safetensors")
+    assert keys and all("lora_" in k or ".classifier." in k for k in keys), sorted(keys)[:5]
+    # A full checkpoint holds the weights and twice as much AdamW state; 1/10 of the weights alone is stricter.
+    assert _size(ckpt) <= (out / "model.safetensors").stat().st_size / 10, _size(ckpt)
+
+
+def test_best_reload_and_both_exports_reproduce_the_evaluation(minilm_classifier):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    out, result = minilm_classifier["out"], minilm_classifier["result"]
+    evals = _evals(result.log_history)
+    assert result.best_global_step == 2 and evals[2]["eval_loss"] != pytest.approx(evals[4]["eval_loss"], abs=1e-4)
+    final = result.metrics
+    assert final["eval_loss"] == pytest.approx(evals[2]["eval_loss"], abs=1e-6)  # the step-2 adapter came back
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # The merged model: a plain transformers folder, no adapter layers left in it.
+    merged, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any("lora" in k or "base_layer" in k or "modules_to_save" in k for k in _keys(out / "model.safetensors"))
+    got = _evaluate(merged, tokenizer, minilm_classifier["validation_file"])
+    assert got["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-4)
+    assert got["eval_accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6)
+    # The adapter alone, on the pretrained MiniLM, as peft users load it.
+    base = AutoModelForSequenceClassification.from_pretrained(model_path(MINILM),
+                                                              config=AutoConfig.from_pretrained(out))
+    adapted = PeftModel.from_pretrained(base, out / "adapter")
+    got = _evaluate(adapted, tokenizer, minilm_classifier["validation_file"])
+    assert got["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-4)
+    assert got["eval_accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6)
+    # merged = pretrained + the adapter's update: the query projection really changed
+    assert not torch.equal(merged.bert.encoder.layer[0].attention.self.query.weight,
+                           adapted.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer.weight)
+
+
+def test_mlm_trains_the_new_head_and_the_merged_export_reproduces_the_evaluation(tmp_path):
+    data = {**QUIET, "task": "mlm", "dataset_name": "packaged:bbc_news", "max_seq_length": 32,
+            "max_train_samples": 32, "max_eval_samples": 16, "per_device_train_batch_size": 8,
+            "per_device_eval_batch_size": 16}
+    out = tmp_path / "mlm"
+    result = run({**data, **BEST_IS_STEP_2, "model_name_or_path": MINILM, "learning_rate": 5e-3, "use_peft": True,
+                  "output_dir": str(out)})
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    # The encoder-only MiniLM has no MLM head: its new transform is trained whole; the decoder (tied to the
+    # word embeddings) is not copied.
+    assert config["modules_to_save"] == ["cls.predictions.transform"]
+    keys = _keys(out / "checkpoint-2" / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.cls.predictions.transform.dense.weight" in keys
+    assert not any("decoder" in k or "word_embeddings" in k for k in keys)
+    evals = _evals(result.log_history)
+    assert result.metrics["eval_loss"] == pytest.approx(evals[2]["eval_loss"], abs=1e-6)  # best adapter reloaded
+    # The merged export, evaluated by a plain run (no peft) on the same validation texts and masks.
+    check = run({**data, "model_name_or_path": str(out), "do_train": False, "output_dir": str(tmp_path / "eval")})
+    assert check.metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"], abs=1e-4)
+    assert check.metrics["eval_accuracy"] == pytest.approx(result.metrics["eval_accuracy"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- every backend, two processes
+
+BACKENDS = ["multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory, tiny_bert_no_dropout, sentiment_files):
+    root = tmp_path_factory.mktemp("lora_backends")
+    outs = {}
+    for preset in BACKENDS:
+        outs[preset] = root / preset
+        args = ["--model_name_or_path", tiny_bert_no_dropout, "--train_file", sentiment_files["train_file"],
+                "--validation_file", sentiment_files["validation_file"], "--do_predict", "false",
+                "--per_device_train_batch_size", "4", "--learning_rate", "5e-2", "--max_steps", "2",
+                "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
+                "--use_peft", "true", "--disable_tqdm", "true", "--output_dir", str(outs[preset])]
+        run_cli([str(REPO / "launch"), preset, "--cpu", "2", *args], cwd=root, timeout=600,
+                env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    return {"outs": outs, "model": tiny_bert_no_dropout, **sentiment_files}
+
+
+@pytest.mark.parametrize("preset", BACKENDS)
+def test_lora_trains_saves_and_exports_under_every_backend(preset, backends):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = backends["outs"][preset]
+    for adapter in (out / "checkpoint-2" / "adapter", out / "adapter"):  # gathered from the shards of every backend
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert tensors and all(t.numel() > 0 and t.abs().sum() > 0 for t in tensors.values()), preset
+    # No copy of the frozen model in the checkpoint, whatever the backend's own format.
+    model_bytes = (Path(backends["model"]) / "model.safetensors").stat().st_size
+    ckpt = [p for p in (out / "checkpoint-2").rglob("*") if p.is_file() and not p.name.startswith("tokenizer")]
+    assert sum(p.stat().st_size for p in ckpt) < model_bytes / 4
+    # Identical updates everywhere: the same losses as DDP.
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    reference = json.loads((backends["outs"]["multi_gpu"] / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses == pytest.approx([h["loss"] for h in reference if "loss" in h], abs=1e-5) and len(losses) == 2
+    # The merged model (merged on rank 0 from gathered weights) reproduces the run's last evaluation.
+    final = json.loads((out / "all_results.json").read_text())
+    got = _evaluate(AutoModelForSequenceClassification.from_pretrained(out), AutoTokenizer.from_pretrained(out),
+                    backends["validation_file"])
+    assert got["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-4), preset
