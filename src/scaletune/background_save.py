@@ -62,6 +62,9 @@ class BackgroundSave:
         self.error: Optional[BaseException] = None
         self.hashed: dict[str, dict] = {}
         main = accelerator.is_main_process
+        if main and self.partial.exists():
+            shutil.rmtree(self.partial)  # a leftover of an interrupted save: none of its files may be reused
+        accelerator.wait_for_everyone()
         # Staging: the only part that stalls training. Identical on every DDP rank: the main process writes it.
         model, = accelerator._models
         self.files: dict[str, object] = {}
@@ -108,12 +111,13 @@ class BackgroundSave:
         self.thread.join()
         acc = self.accelerator
         if all_agree(acc, self.error is not None):
+            # Judged before the partial folder is removed: a full disk is recognised by its free space too.
+            error = (checkpoint.write_failed(self.error, self.partial) if self.error is not None else
+                     checkpoint.CheckpointError(f"Writing {str(self.partial)!r} failed on another process; see its "
+                                                f"error."))
             if acc.is_main_process:
                 shutil.rmtree(self.partial, ignore_errors=True)  # give the space back; earlier checkpoints intact
-            if isinstance(self.error, OSError):
-                raise checkpoint.out_of_space(self.error, self.partial)
-            raise checkpoint.CheckpointError(f"Writing {str(self.partial)!r} failed on a process "
-                                             f"({self.error or 'see its error'}).")
+            raise error
         if acc.is_main_process:
             checkpoint.complete(self.partial, self.folder, self.state, self.hashed)
         acc.wait_for_everyone()

@@ -108,7 +108,10 @@ def write_manifest(folder: Path, known: Optional[dict] = None) -> None:
         name = str(p.relative_to(folder))
         entries[name] = known[name] if name in known else file_entry(p)
     tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps({"files": entries}, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"files": entries}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST_FILE)
 
 
@@ -154,12 +157,27 @@ def remove_folder(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def out_of_space(e: OSError, path: Path) -> CheckpointError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+def disk_full(e: BaseException, path: Path) -> bool:
+    """Whether a failed write ran out of space. safetensors and torch.save report a full disk in their own words
+    (`SafetensorError`, `RuntimeError: ... unexpected pos`), so the free space itself is asked too."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(path.parent).free < 1 << 20
+    except OSError:
+        return False
+
+
+def write_failed(e: BaseException, path: Path) -> CheckpointError:
+    """One line for a checkpoint write that failed: a full disk says so and names the path."""
+    if disk_full(e, path):
         return CheckpointError(f"No space left on the device while writing {str(path)!r}: free disk space (or "
                                f"lower save_total_limit) and resume with --resume_from_checkpoint latest; "
                                f"earlier checkpoints are intact.")
-    return CheckpointError(f"Could not write {str(path)!r}: {e.strerror or e}.")
+    detail = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    return CheckpointError(f"Could not write {str(path)!r}: {detail}.")
 
 
 # --------------------------------------------------------------------------- save / load
@@ -183,15 +201,17 @@ def save_checkpoint(accelerator, folder: Path, state: TrainingState, model, toke
             if tokenizer is not None:
                 tokenizer.save_pretrained(partial)
             (partial / CONFIG_FILE).write_text(config_yaml)  # resume compares against it
-    except OSError as e:
+    except Exception as e:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
         failed = e
     from .distributed import all_agree
 
     if all_agree(accelerator, failed is not None):  # collective: every rank fails the same way
+        # Judged before the partial folder is removed: a full disk is recognised by its free space too.
+        error = write_failed(failed, partial) if failed is not None else CheckpointError(
+            f"Another process failed while writing {str(partial)!r}; see its error above.")
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)  # give the space back; earlier checkpoints are untouched
-        raise out_of_space(failed, partial) if failed is not None else CheckpointError(
-            f"Another process failed while writing {str(partial)!r}; see its error above.")
+        raise error
     if accelerator.is_main_process:
         complete(partial, folder, state)
     accelerator.wait_for_everyone()
@@ -203,9 +223,10 @@ def complete(partial: Path, folder: Path, state: TrainingState, known: Optional[
         write_manifest(partial, known)
         write_trainer_state(partial, state)  # written last: marks the checkpoint complete
         fsync_dir(partial)
-    except OSError as e:
+    except Exception as e:
+        error = write_failed(e, partial)
         shutil.rmtree(partial, ignore_errors=True)
-        raise out_of_space(e, partial) from None
+        raise error from None
     if folder.exists():  # the same step saved again (e.g. after a resume): replace it atomically
         remove_folder(folder)
     partial.rename(folder)

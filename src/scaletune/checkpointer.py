@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -186,7 +187,20 @@ def check_resume_compatible(path: Path, config: Mapping, world_size: int) -> Non
 # --------------------------------------------------------------------------- one run per output dir
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_start(pid: int) -> Optional[str]:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), or None if it is gone or a
+    zombie. With the pid it names one process: a pid reused by another process does not keep a lock."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _pid_alive(pid: int, started: Optional[str] = None) -> bool:
+    if Path("/proc").is_dir():
+        now = _process_start(pid)
+        return now is not None and (started is None or now == started)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -201,7 +215,7 @@ def acquire_lock(root: Path, env: Mapping[str, str] = os.environ) -> None:
     attempt of the same Slurm job (a requeue or a restart), is stale and taken over."""
     lock = root / LOCK_FILE
     me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": env.get("SLURM_JOB_ID"),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "process_start": _process_start(os.getpid())}
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -211,7 +225,8 @@ def acquire_lock(root: Path, env: Mapping[str, str] = os.environ) -> None:
             except (OSError, ValueError):
                 owner = {}
             same_job = owner.get("slurm_job_id") and owner.get("slurm_job_id") == me["slurm_job_id"]
-            dead = owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", 0)))
+            dead = owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", 0)),
+                                                                      owner.get("process_start"))
             if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
                 return  # this process holds it already (run() called again after a failure)
             if not (same_job or dead or not owner):
@@ -223,8 +238,17 @@ def acquire_lock(root: Path, env: Mapping[str, str] = os.environ) -> None:
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
+        remove_leftovers(root)
         return
     raise CheckpointError(f"Could not lock {str(lock)!r}: another run keeps claiming it.")
+
+
+def remove_leftovers(root: Path) -> None:
+    """With the lock held, nothing else writes here: interrupted saves (`.checkpoint-N.partial`) and
+    interrupted deletions (`.checkpoint-N.deleting-PID`) are garbage; they never count as checkpoints."""
+    for path in root.glob(".checkpoint-*"):
+        if path.is_dir() and (path.name.endswith(".partial") or ".deleting-" in path.name or path.name.endswith(".old")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def release_lock(root: Path) -> None:

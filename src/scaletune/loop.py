@@ -129,6 +129,7 @@ def handle_nonfinite(loop: Loop, state: TrainingState) -> None:
     drops the update (the Stepper did not apply it), counts it, and stops after max_skipped_updates."""
     t = loop.args
     state.skipped_updates += 1
+    loop.checkpointer.flush()  # collective (every rank agreed on the flag): a save in flight is of a good step
     last_good = loop.checkpointer.latest_name()
     where = f"the last checkpoint ({last_good}) is kept" if last_good else "no checkpoint was written"
     if t.on_nonfinite == "skip" and state.skipped_updates <= t.max_skipped_updates:

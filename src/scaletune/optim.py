@@ -53,3 +53,18 @@ def build_scheduler(optimizer, args, plan):
     except TypeError as e:  # an lr_scheduler_kwargs key the schedule does not take
         raise ConfigError(f"lr_scheduler_type={args.lr_scheduler_type} does not accept lr_scheduler_kwargs="
                           f"{args.lr_scheduler_kwargs} ({e}).") from None
+
+
+def reapply_schedule(scheduler, args) -> None:
+    """After a resume: the schedule of *this* config, at the restored step. `load_state` restores the old
+    run's base rates and each group's current rate, so a changed learning_rate or max_steps (allowed on resume,
+    and reported) would otherwise be ignored until the schedule's end."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
+    lambdas = getattr(inner, "lr_lambdas", None)
+    if lambdas is None:  # reduce_lr_on_plateau: its rate follows the metric, not the step
+        return
+    inner.base_lrs = [args.learning_rate for _ in inner.base_lrs]
+    rates = [base * fn(inner.last_epoch) for base, fn in zip(inner.base_lrs, lambdas)]
+    for group, rate in zip(inner.optimizer.param_groups, rates):
+        group["lr"] = rate
+    inner._last_lr = rates

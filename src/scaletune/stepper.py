@@ -65,10 +65,9 @@ class TrainData:
             return without_rng_draw(iter(self.accelerator.skip_first_batches(dl, state.batches_in_epoch)))
         return iter(dl)
 
-    def windows(self, state: TrainingState, max_steps: int) -> Iterator[Window]:
-        """Windows until `max_steps` updates are done or the state says stop. The data position in `state` is
-        advanced past each window before it is handed out, so a checkpoint taken after its update resumes at
-        the next one."""
+    def check_position(self, state: TrainingState) -> None:
+        """A resumed data position must lie inside this run's epoch; a position past its end means the data or
+        batch size changed since the checkpoint (and would never reach a window: a hang, not a resume)."""
         total = self.batches_per_epoch
         if total is not None and state.batches_in_epoch >= total:
             raise DataError(
@@ -76,6 +75,12 @@ class TrainData:
                 f"{state.epochs_completed}) is past the end of this run's epoch ({total} batches per process): "
                 f"the training data or batch size changed since it was saved. Resume with the original data "
                 f"and per_device_train_batch_size, or start a new run.")
+
+    def windows(self, state: TrainingState, max_steps: int) -> Iterator[Window]:
+        """Windows until `max_steps` updates are done or the state says stop. The data position in `state` is
+        advanced past each window before it is handed out, so a checkpoint taken after its update resumes at
+        the next one."""
+        total = self.batches_per_epoch
         while state.global_step < max_steps and not state.should_stop:
             epoch = state.epochs_completed
             batches = self.epoch_batches(state)

@@ -138,7 +138,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     from .evaluation import Evaluator
     from .loop import Loop, fit
     from .losses import ComputeLossFunc
-    from .optim import METRIC_SCHEDULES, build_optimizer, build_scheduler
+    from .optim import METRIC_SCHEDULES, build_optimizer, build_scheduler, reapply_schedule
     from .preemption import PreemptionWatcher, requeue_if_slurm
     from .state import TrainingState
     from .stepper import Stepper, TrainData
@@ -201,19 +201,24 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
 
     config_yaml = yaml.safe_dump(effective_config(cfg), sort_keys=False)
     checkpointer = Checkpointer(accelerator, t, model, tokenizer, config_yaml)
+    meter = ThroughputMeter(model, accelerator)
+    train_data = TrainData(train_dl, accelerator, t.gradient_accumulation_steps, meter) if t.do_train else None
     state = TrainingState(world_size=accelerator.num_processes)
     if resume_path is not None:
         state = checkpointer.load(resume_path)
+        if train_data is not None:
+            train_data.check_position(state)  # before anything is written: a refused resume changes nothing
+        reapply_schedule(scheduler, t)
         accelerator.print(f"Resumed from {resume_path} at step {state.global_step}.")
     elif t.overwrite_output_dir:
         checkpointer.start_fresh()
-    tracker = RunTracker(cfg, accelerator, run_id=state.tracker_run_id)
+    tracker = RunTracker(cfg, accelerator, run_id=state.tracker_run_id,
+                         resume_step=state.global_step if resume_path is not None else None)
     state.tracker_run_id = tracker.run_id
     if accelerator.is_main_process:
         Path(t.output_dir, "config.yaml").write_text(config_yaml)
 
     loss = ComputeLossFunc(user.compute_loss_func) if user.compute_loss_func else task.loss(cfg)
-    meter = ThroughputMeter(model, accelerator)
     # One evaluator for validation and test: the same loss, metrics and logit reduction.
     evaluator = Evaluator(accelerator, model, eval_dl, task, loss, t, user.compute_metrics,
                           user.preprocess_logits_for_metrics)
@@ -222,7 +227,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
         stepper = Stepper(accelerator, model, optimizer, scheduler, loss, meter, t.max_grad_norm,
                           schedule_metric=schedule.metric_key(t.metric_for_best_model or "loss")
                           if t.lr_scheduler_type in METRIC_SCHEDULES else None)
-        loop = Loop(args=t, data=TrainData(train_dl, accelerator, t.gradient_accumulation_steps, meter),
+        loop = Loop(args=t, data=train_data,
                     stepper=stepper, evaluator=evaluator if eval_dl is not None else None,
                     checkpointer=checkpointer, tracker=tracker, meter=meter, watcher=watcher)
         try:
@@ -325,7 +330,10 @@ def main(argv: Optional[list] = None) -> int:
     try:
         result = run(argv)
     except ScaletuneError as e:  # bad input: one line naming the problem and the fix, no traceback
-        print(f"scaletune: error: {e}", file=sys.stderr)
+        # Input errors are found identically by every process (or agreed through a collective): one line, from
+        # the first process, not one per rank.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"scaletune: error: {e}", file=sys.stderr)
         return 2
     return result.exit_code
 

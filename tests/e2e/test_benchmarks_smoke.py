@@ -23,6 +23,8 @@ SCRIPTS = {
     "mlm_sparse_logits": ([sys.executable, str(BENCH / "mlm_sparse_logits.py"), "--tiny"],
                           [rf"ratio sparse/full ms/update: {NUMBER}",
                            r"largest relative difference of the per-step train loss: [0-9.e+-]+"]),
+    "checkpoint_stall": ([sys.executable, str(BENCH / "checkpoint_stall.py"), "--tiny"],
+                         [rf"stall ratio background/synchronous: {NUMBER}"]),
     "gpu_suite": (["bash", str(BENCH / "gpu_suite.sh"), "--tiny", "--cpu"],
                   [rf"seq 64 no: ratio scaletune/trainer {NUMBER}, ratio scaletune/bare {NUMBER}",
                    r"\| scaletune group_by_length \| 64 \| 8 \|", r"\| scaletune padding_free \|.*ConfigError",
@@ -40,3 +42,9 @@ def test_benchmark_runs_at_tiny_size_and_prints_its_ratios(name, tmp_path):
         assert re.search(pattern, proc.stdout), f"{pattern!r} not in the output of {name}:\n{proc.stdout[-3000:]}"
     if name == "gpu_suite":
         assert (tmp_path / "results.md").read_text().count("\n| ") >= 6  # the table was written
+
+
+def test_every_benchmark_script_has_a_smoke_run():
+    # gpu_suite.py runs through gpu_suite.sh; common.py is the scripts' shared helper.
+    scripts = {p.stem for p in BENCH.glob("*.py")} - {"common"}
+    assert scripts == set(SCRIPTS), f"add a --tiny smoke run for: {sorted(scripts - set(SCRIPTS))}"

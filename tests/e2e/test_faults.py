@@ -24,9 +24,9 @@ import pytest
 
 from scaletune.checkpoint import list_checkpoints, verify
 from scaletune.state import STATE_FILE
-from support.faults import (LOCK_FILE, all_finite, assert_one_line_error, checkpoint_dirs, clean_env, describe,
+from support.faults import (LOCK_FILE, all_finite, assert_one_line_error, checkpoint_dirs, describe,
                             launch_cmd, launch_env, logs, max_weight_diff, nonempty_lines, partials, processes_of,
-                            run, start, stop, train_cmd, tree_digest, wait_for, weights, worker_pids)
+                            run, start, stop, train_cmd, tree_digest, wait_for, worker_pids)
 from support.tiny import write_sentiment_csv
 
 START_TIMEOUT = 300  # bound for a run's start-up and a few steps on 2 busy cores (prevents hangs; not a timing)
@@ -258,19 +258,12 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-SYNC_DISK_FULL = pytest.mark.xfail(strict=True, reason=(
-    "src bug: checkpoint.save_checkpoint (the synchronous save: save_in_background=false, and always under "
-    "DeepSpeed, FSDP and LoRA) catches only OSError, but a full disk surfaces from safetensors as SafetensorError "
-    "and from torch.save as RuntimeError: the run dies with a traceback (exit 1) and leaves .checkpoint-N.partial"))
-BACKGROUND_TORCH_SAVE = pytest.mark.xfail(strict=True, reason=(
-    "src bug: background_save.BackgroundSave.finish reports a non-OSError write failure as 'failed on a "
-    "process (<torch's zip-writer message>)': for optimizer.bin on a full disk it never says the disk is full"))
 
 
 @pytest.mark.parametrize("background, runs_out_in", [
     (True, "model.safetensors"),
-    pytest.param(True, "optimizer.bin", marks=BACKGROUND_TORCH_SAVE),
-    pytest.param(False, "model.safetensors", marks=SYNC_DISK_FULL),
+    pytest.param(True, "optimizer.bin"),
+    pytest.param(False, "model.safetensors"),
 ])
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(background, runs_out_in, tiny_bert,
                                                                               sentiment_files, small_disk):
@@ -387,10 +380,6 @@ def test_nonfinite_skip_drops_the_update_and_stops_after_max_skipped_updates(nan
     assert not (out / "model.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: loop.handle_nonfinite names Checkpointer.latest_name() while the previous step's background save "
-    "is still in flight; train._run completes that save (flush) only after the error is raised, so the message "
-    "says 'no checkpoint was written' / names an older checkpoint than the one kept"))
 def test_the_nonfinite_message_names_the_checkpoint_that_is_kept(nan_stop, nan_skip):
     for out, proc in (nan_stop, nan_skip):
         kept = f"checkpoint-{max(list_checkpoints(out))}"
@@ -503,19 +492,11 @@ def test_resume_of_a_one_process_checkpoint_on_two_processes_is_refused(one_to_t
     assert after == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src: train.main prints a ScaletuneError on every rank, so an N-process run prints the same error N times "
-    "(suggested: print it on RANK 0 only). The launcher's exit code (1) and ChildFailedError report are "
-    "torchrun's and cannot be one line/exit 2 under a bare `accelerate launch`."))
 def test_a_two_process_refusal_is_printed_once(one_to_two):
     proc, _, _ = one_to_two
     assert sum(line.startswith(ONE_TO_TWO) for line in nonempty_lines(proc.stderr)) == 1, describe(proc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: a changed learning_rate on resume is reported as an allowed change but ignored -- "
-    "accelerator.load_state restores the LambdaLR's base_lrs and the optimizer's param_group lr from the "
-    "checkpoint; and after a changed max_steps the first resumed update still uses the old schedule's lr."))
 def test_an_allowed_change_of_learning_rate_and_max_steps_takes_effect_on_resume(one_process_run, tmp_path):
     src, cfg = one_process_run
     out = tmp_path / "out"
@@ -549,10 +530,6 @@ def test_resume_after_the_training_data_shrank_refuses_in_one_line(shrunk_resume
                                 "(2 batches per process)")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: the data-position check runs in TrainData.windows(), i.e. inside fit(), after train._run has "
-    "already rewritten output_dir/config.yaml (and started the trackers): the refused run changes the earlier "
-    "run's files. Suggested: check the position right after checkpointer.load(), before any write."))
 def test_a_refused_resume_after_the_data_shrank_leaves_the_earlier_run_untouched(shrunk_resume):
     _, before, after = shrunk_resume
     assert after == before

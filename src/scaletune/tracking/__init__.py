@@ -37,7 +37,7 @@ from typing import Mapping, Optional
 
 from ..secrets import redact_values, secret_values
 from .curves import CURVES_FILE, PANELS, curve_series, plot_curves
-from .jsonl import METRICS_FILE, append_jsonl, read_jsonl, to_python
+from .jsonl import METRICS_FILE, append_jsonl, keep_jsonl_until, read_jsonl, to_python
 from .preflight import TRACKER_PACKAGES, check_report_to, wandb_credentials_found
 from .sinks import (
     DEFAULT_WANDB_PROJECT,
@@ -77,8 +77,11 @@ def quiet_other_ranks(accelerator) -> None:
 
 
 class RunTracker:
-    def __init__(self, cfg, accelerator, run_id: str | None = None, env: Optional[Mapping[str, str]] = None):
-        """Collective (every rank constructs it): the main process picks the run id and shares it."""
+    def __init__(self, cfg, accelerator, run_id: str | None = None, env: Optional[Mapping[str, str]] = None,
+                 resume_step: Optional[int] = None):
+        """Collective (every rank constructs it): the main process picks the run id and shares it.
+        `resume_step`: the step a resumed run continues from; records logged after it by the interrupted
+        attempt are dropped from metrics.jsonl, since this attempt logs those steps again."""
         from accelerate.utils import broadcast_object_list
 
         self.cfg = cfg
@@ -108,6 +111,8 @@ class RunTracker:
                 # A fresh start (no checkpoint to resume, e.g. overwrite_output_dir) must not extend an old
                 # run's log; a resume (run_id from the checkpoint) appends to it.
                 self.jsonl_path.unlink(missing_ok=True)
+            elif resume_step is not None:
+                keep_jsonl_until(self.jsonl_path, resume_step)
             self._start_trackers(env)
 
     def _start_trackers(self, env: Mapping[str, str]) -> None:
