@@ -99,7 +99,7 @@ def ner_args(work, out) -> list[str]:
     return ["--task", "token_classification", "--model_name_or_path", work["bert"], "--train_file",
             files["train_file"], "--validation_file", files["validation_file"], "--test_file", files["test_file"],
             "--max_seq_length", "48", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "5",
-            "--learning_rate", "5e-3", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
+            "--learning_rate", "2e-2", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
             "--save_steps", "2", "--max_steps", "4", "--disable_tqdm", "true", "--output_dir", str(out)]
 
 

@@ -166,7 +166,8 @@ def test_parse_label_set_lists_and_delimited_strings():
 def test_list_column_is_multilabel_with_multi_hot_targets(tokenizer, tmp_path, caplog):
     sets = [["sport"], ["politics", "sport"], [], ["tech"]]
     rows = [{"id": i, "text": f"news {i}", "label": sets[i % 4]} for i in range(8)]
-    files = {"train": write_jsonl(tmp_path / "t.jsonl", rows), "validation": write_jsonl(tmp_path / "v.jsonl", rows[:4])}
+    files = {"train": write_jsonl(tmp_path / "t.jsonl", rows),
+             "validation": write_jsonl(tmp_path / "v.jsonl", rows[:4])}
     with caplog.at_level(logging.WARNING, logger=TASK_LOGGER):
         task, p, cfg = prepare(tokenizer, files)
     assert any("holds lists of labels, so this is a multilabel task" in r.getMessage() for r in caplog.records)
@@ -180,6 +181,23 @@ def test_list_column_is_multilabel_with_multi_hot_targets(tokenizer, tmp_path, c
     batch = task.collator(tokenizer, cfg, False)([{k: p.validation[i][k] for k in p.validation.column_names}
                                                   for i in range(2)])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 1, 0], [1, 1, 0]]
+
+
+def test_hub_sequence_of_classlabel_keeps_its_names(tokenizer, tmp_path):
+    """go_emotions-style columns: rows hold ClassLabel ids; the names (all of them, in id order) are the labels."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "labels": datasets.Sequence(datasets.ClassLabel(names=["joy", "anger", "fear"]))})
+    rows = {"text": ["yay", "grr", "eek and yay", "meh"], "labels": [[0], [1], [2, 0], []]}
+    folder = str(tmp_path / "hub")
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(rows, features=features)
+                          for s in ("train", "validation")}).save_to_disk(folder)
+    cfg = load_config({"dataset_name": folder, "label_column_name": "labels", "max_seq_length": 16})
+    task = get_task("classification")
+    p = task.prepare_data(load_raw_datasets(cfg), tokenizer, cfg, contextlib.nullcontext)
+    assert task.name == "multilabel" and p.label_list == ["joy", "anger", "fear"]
+    assert [list(v) for v in p.validation["labels"]] == [[1, 0, 0], [0, 1, 0], [1, 0, 1], [0, 0, 0]]
 
 
 def test_delimited_strings_need_label_delimiter(tokenizer, tmp_path):
@@ -202,11 +220,41 @@ def test_multilabel_validation_label_missing_from_train_is_an_error(tokenizer, t
 
 def test_multilabel_null_row_is_unlabelled_but_empty_list_is_not(tokenizer, tmp_path):
     train = [{"text": f"t {i}", "label": [["a"], [], None][i % 3]} for i in range(6)]
-    files = {"train": write_jsonl(tmp_path / "t.jsonl", train), "validation": write_jsonl(tmp_path / "v.jsonl", train[:2])}
+    files = {"train": write_jsonl(tmp_path / "t.jsonl", train),
+             "validation": write_jsonl(tmp_path / "v.jsonl", train[:2])}
     with pytest.raises(DataError, match=r"2 of 6 rows with no 'label' label \(0-based rows 2, 5\).*empty list \[\]"):
         prepare(tokenizer, files, task="multilabel")
     _, p, _ = prepare(tokenizer, files, task="multilabel", drop_unlabelled_rows=True)
     assert [list(v) for v in p.train["labels"]] == [[1], [0], [1], [0]]
+
+
+def test_new_multilabel_head_starts_at_the_label_prior(tokenizer, tmp_path):
+    """A fresh head predicts each label's train frequency (not 0.5); a head the checkpoint provides is kept."""
+    from support.tiny import make_tiny_bert
+
+    from scaletune.tasks.multilabel import init_head_bias_to_prior
+
+    sets = [["a"], [], [], ["a", "b"]]  # a in 2 of 4 rows, b in 1 of 4
+    rows = [{"text": f"t {i}", "label": s} for i, s in enumerate(sets)]
+    files = {"train_file": write_jsonl(tmp_path / "t.jsonl", rows),
+             "validation_file": write_jsonl(tmp_path / "v.jsonl", rows), "task": "multilabel"}
+
+    def build(model_name_or_path):
+        cfg = load_config({**files, "model_name_or_path": model_name_or_path})
+        task = get_task("multilabel")
+        prepared = task.prepare_data(load_raw_datasets(cfg), tokenizer, cfg, contextlib.nullcontext)
+        return task, task.build_model(cfg, prepared, tokenizer)
+
+    task, model = build("packaged:minilm")  # the pretrained encoder has no classification head
+    assert "classifier.bias" in task.new_parameters
+    assert torch.sigmoid(model.classifier.bias).tolist() == pytest.approx([0.5, 0.25])
+    task, model = build(str(make_tiny_bert(tmp_path / "tiny", num_labels=2)))  # a head of the same shape
+    assert "classifier.bias" not in task.new_parameters
+    assert torch.sigmoid(model.classifier.bias).tolist() == pytest.approx([0.5, 0.5])  # as saved (zero bias)
+    # A label in every (or no) train row gets a finite log-odds, half a row from certainty.
+    head = torch.nn.Linear(4, 2)
+    assert init_head_bias_to_prior(torch.nn.Sequential(torch.nn.Linear(4, 4), head), {"1.bias"}, [1.0, 0.0], 4)
+    assert torch.sigmoid(head.bias).tolist() == pytest.approx([7 / 8, 1 / 8])
 
 
 def test_multilabel_threshold_is_checked_by_the_config():
@@ -271,7 +319,15 @@ def test_losses_match_torch_reductions():
     sums, items = mse.per_sample(pred, y)
     assert (sums.sum() / mse.count(y)).item() == pytest.approx(
         torch.nn.functional.mse_loss(pred.squeeze(-1), y).item())
-    assert isinstance(get_task("classification").loss(None), CrossEntropy)
+    cfg = load_config({"train_file": "x.csv", "label_smoothing_factor": 0.1})
+    assert get_task("classification").loss(cfg) == CrossEntropy(label_smoothing=0.1)
+
+
+def test_label_smoothing_is_refused_for_regression_and_multilabel(tokenizer, tmp_path):
+    rows = [{"text": f"t {i}", "label": i / 4} for i in range(4)]
+    files = {"train": write_csv(tmp_path / "t.csv", rows), "validation": write_csv(tmp_path / "v.csv", rows)}
+    with pytest.raises(ConfigError, match="label_smoothing_factor=0.1 applies to classification only"):
+        prepare(tokenizer, files, label_smoothing_factor=0.1)  # autodetected regression
 
 
 # --------------------------------------------------------------------------- prediction files

@@ -34,6 +34,14 @@ OptimizerName = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", 
 LoggingStrategy = Literal["no", "steps", "epoch"]
 SamplingStrategy = Literal["random", "group_by_length"]
 TRACKERS = ("wandb", "tensorboard")
+# Metrics where smaller is better besides `*loss` (Trainer's only rule, which would keep the worst regression
+# or language model: its default for `mse` is greater_is_better=True).
+LOWER_IS_BETTER = ("mse", "rmse", "mae", "perplexity")
+
+
+def lower_is_better(metric: str) -> bool:
+    name = metric.removeprefix("eval_")
+    return name.endswith("loss") or name in LOWER_IS_BETTER
 
 
 @dataclass
@@ -240,7 +248,8 @@ class TrainingArguments:
     metric_for_best_model: Optional[str] = None
     """Metric that decides the best checkpoint (`eval_` prefix optional). Default: loss."""
     greater_is_better: Optional[bool] = None
-    """Default: True unless the metric name ends in `loss`."""
+    """Default: False for `*loss`, `mse`, `rmse`, `mae` and `perplexity`, else True (Trainer looks only at
+    `*loss`, so it would keep the worst model by `mse`)."""
     early_stopping_patience: Optional[int] = None
     """Stop after this many evaluations without improvement (as EarlyStoppingCallback). Needs evaluation."""
     early_stopping_threshold: float = 0.0
@@ -323,7 +332,7 @@ class TrainingArguments:
         if self.metric_for_best_model is None and (self.load_best_model_at_end or self.early_stopping_patience):
             self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
-            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+            self.greater_is_better = not lower_is_better(self.metric_for_best_model)
 
     def _normalise_report_to(self):
         # Trainer accepts "wandb,tensorboard" or a list; one form (a list, "none" dropped) downstream.

@@ -25,8 +25,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import DataError
-from ..losses import CrossEntropy, ItemLoss
+from ..errors import ConfigError, DataError
+from ..losses import ItemLoss
 from .base import PreparedData, Task
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,14 @@ def is_numeric_feature(feature) -> bool:
 
 def is_string_feature(feature) -> bool:
     return _dtype(feature) in ("string", "large_string")
+
+
+def check_no_label_smoothing(cfg, task: str) -> None:
+    """Label smoothing mixes class targets with the uniform distribution; a number or a label set has none."""
+    factor = cfg.training.label_smoothing_factor
+    if factor:
+        raise ConfigError(f"label_smoothing_factor={factor} applies to classification only; set it to 0 for "
+                          f"the {task} task.")
 
 
 def labelled_splits(raw, col: str):
@@ -204,9 +212,9 @@ class ClassificationTask(Task):
                 from . import get_task
 
                 col = cfg.data.label_column_name
-                holds = "lists of labels" if kind == "multilabel" and is_list_feature(
-                    label_source(raw).features[col]) else "label_delimiter strings" if kind == "multilabel" \
-                    else "fractional numbers"
+                listed = is_list_feature(label_source(raw).features[col])
+                holds = {"regression": "fractional numbers",
+                         "multilabel": "lists of labels" if listed else "label_delimiter strings"}[kind]
                 logger.warning("task: classification -- the label column %r holds %s, so this is a %s task "
                                "(set task: %s to choose it explicitly).", col, holds, kind, kind)
                 self._chosen = get_task(kind)
@@ -364,7 +372,7 @@ class ClassificationTask(Task):
 
     @_delegated
     def loss(self, cfg) -> ItemLoss:
-        return CrossEntropy(label_smoothing=cfg.training.label_smoothing_factor)
+        return super().loss(cfg)  # cross-entropy (with label_smoothing_factor); delegated when autodetected
 
     @_delegated
     def collator(self, tokenizer, cfg, for_training: bool):

@@ -20,22 +20,27 @@ import numpy as np
 from ..errors import DataError
 from ..losses import BinaryCrossEntropy, ItemLoss
 from .base import PreparedData
-from .classification import (ClassificationTask, label_source, row_names, atomic_csv,
-                             is_list_feature, is_missing, is_string_feature, label_names,
-                             labelled_splits)
+from .classification import (ClassificationTask, atomic_csv, check_no_label_smoothing, is_list_feature,
+                             is_missing, is_string_feature, label_names, label_source, labelled_splits, row_names)
 
 DEFAULT_DELIMITER = "|"
 """Joins a predicted label set in the predictions file when no label_delimiter is configured."""
 
 
-def parse_label_set(value, delimiter: Optional[str]) -> Optional[tuple[str, ...]]:
+def parse_label_set(value, delimiter: Optional[str], names: Optional[list] = None) -> Optional[tuple[str, ...]]:
     """One row's labels as a sorted tuple of distinct names; None when the row has no label value at all.
 
-    Duplicates within a row collapse (a set); an empty list or empty string is the empty set.
+    Duplicates within a row collapse (a set); an empty list or empty string is the empty set. `names` are the
+    ClassLabel names of a hub `Sequence(ClassLabel)` column (go_emotions), whose rows hold label ids.
     """
     if is_missing(value):
         return None
     if isinstance(value, (list, tuple)):
+        if names is not None:
+            bad = [v for v in value if is_missing(v) or not 0 <= v < len(names)]
+            if bad:
+                raise ValueError(f"label id {bad[0]} outside the {len(names)} ClassLabel names")
+            value = [names[v] for v in value]
         parts = ["" if is_missing(v) else str(v).strip() for v in value]
         if any(p == "" for p in parts):
             raise ValueError("an empty label inside the list")
@@ -84,13 +89,14 @@ class MultiLabelTask(ClassificationTask):
         self._majority_set: Optional[tuple] = None
         self._label_frequency: list[float] = []
         self._train_rows = 0
+        self._names: Optional[list] = None
 
     # ------------------------------------------------------------------ data
     def _parsed(self, ds, col: str, split: str) -> list:
         out = []
         for i, v in enumerate(ds[col]):
             try:
-                out.append(parse_label_set(v, self.delimiter))
+                out.append(parse_label_set(v, self.delimiter, self._names))
             except ValueError as e:
                 raise DataError(f"The {split} split's label column {col!r} at {row_names(ds, [i])} holds {e}; "
                                 f"multi-label needs a list of labels per row, or strings with label_delimiter "
@@ -99,6 +105,7 @@ class MultiLabelTask(ClassificationTask):
 
     def label_list(self, raw, cfg) -> list[str]:
         """Sorted distinct labels of the train split; checks the column's type in every split first."""
+        check_no_label_smoothing(cfg, self.name)
         self.threshold = cfg.data.multilabel_threshold  # checked to lie in (0, 1) by the config
         self.delimiter = cfg.data.label_delimiter
         col = cfg.data.label_column_name
@@ -110,8 +117,11 @@ class MultiLabelTask(ClassificationTask):
                 raise DataError(f"Multi-label needs a set of labels per row, but the label column {col!r} of the "
                                 f"{split} split holds single {getattr(feature, 'dtype', feature)} values; {fix}.")
         source = label_source(raw)
+        inner = getattr(source.features[col], "feature", None)
+        self._names = list(inner.names) if hasattr(inner, "names") else None
         sets = [s for s in self._parsed(source, col, source.split or "train") if s is not None]
-        labels = sorted({lab for s in sets for lab in s}, key=_sort_key)
+        # A ClassLabel feature keeps all its names in id order, as a ClassLabel column does for classification.
+        labels = self._names or sorted({lab for s in sets for lab in s}, key=_sort_key)
         if not labels:
             raise DataError(f"No row of the train split's label column {col!r} holds a label; multi-label needs "
                             f"at least one label to learn.")
@@ -137,7 +147,7 @@ class MultiLabelTask(ClassificationTask):
                 raise DataError(f"The {split} split has labels {unknown[:5]} that are not among the {len(labels)} "
                                 f"training labels {labels[:10]}; fix the data or train on a split that contains "
                                 f"every label.")
-        return _MultiHot(label_to_id, self.delimiter)
+        return _MultiHot(label_to_id, self.delimiter, self._names)
 
     def loss(self, cfg) -> ItemLoss:
         return BinaryCrossEntropy()
@@ -202,12 +212,13 @@ def init_head_bias_to_prior(model, new_parameters: set[str], frequency: list[flo
 class _MultiHot:
     """value -> multi-hot float vector. A class (not a closure) so the `datasets` cache key is the label map."""
 
-    def __init__(self, label_to_id: dict, delimiter: Optional[str]):
+    def __init__(self, label_to_id: dict, delimiter: Optional[str], names: Optional[list]):
         self.label_to_id = label_to_id
         self.delimiter = delimiter
+        self.names = names
 
     def __call__(self, value):
-        label_set = parse_label_set(value, self.delimiter)
+        label_set = parse_label_set(value, self.delimiter, self.names)
         if label_set is None:  # only in a test split, whose labels are dropped when any row lacks them
             return [-100.0] * len(self.label_to_id)
         return multi_hot(label_set, self.label_to_id)

@@ -16,8 +16,8 @@ import numpy as np
 from ..errors import DataError
 from ..losses import ItemLoss, MeanSquaredError
 from .base import PreparedData
-from .classification import (ClassificationTask, label_source, atomic_csv, is_missing, is_numeric_feature,
-                             labelled_splits)
+from .classification import (ClassificationTask, atomic_csv, check_no_label_smoothing, is_missing,
+                             is_numeric_feature, label_source, labelled_splits)
 
 
 class RegressionTask(ClassificationTask):
@@ -32,13 +32,15 @@ class RegressionTask(ClassificationTask):
 
     def label_list(self, raw, cfg) -> None:
         """No label set: the target is the number itself. Checks every labelled split holds numbers."""
+        check_no_label_smoothing(cfg, self.name)
         col = cfg.data.label_column_name
         for split, ds in labelled_splits(raw, col):
-            if not is_numeric_feature(ds.features[col]):
+            feature = ds.features[col]
+            if not is_numeric_feature(feature):
                 sample = next((v for v in ds[col] if not is_missing(v)), None)
                 raise DataError(f"Regression needs numbers, but the label column {col!r} of the {split} split "
-                                f"holds {getattr(ds.features[col], 'dtype', ds.features[col])} values (e.g. {sample!r}); convert it to numbers or "
-                                f"set task: classification.")
+                                f"holds {getattr(feature, 'dtype', feature)} values (e.g. {sample!r}); convert it "
+                                f"to numbers or set task: classification.")
         values = [float(v) for v in label_source(raw)[col]]
         if not values:
             raise DataError(f"The label column {col!r} of the train split holds no labels.")
