@@ -19,7 +19,7 @@ import pytest
 from scaletune.checkpoint import verify
 from scaletune.config import ConfigError
 from scaletune.distributed import check_fsdp_launch, check_fsdp_ties, fsdp_layers_to_wrap
-from support.tiny import REPO, make_tiny_bert, run_cli
+from support.tiny import REPO, evaluate_classifier, make_tiny_bert, run_cli
 
 LAUNCH = str(REPO / "launch")
 
@@ -126,13 +126,7 @@ def _evaluate(model_dir: Path, validation_file: str) -> dict:
     model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    df = pd.read_csv(validation_file)
-    enc = tokenizer(list(df["text"]), padding=True, truncation=True, max_length=128, return_tensors="pt")
-    labels = torch.tensor([model.config.label2id[str(y)] for y in df["label"]])
-    with torch.no_grad():
-        logits = model.eval()(**enc).logits.float()
-    return {"eval_loss": F.cross_entropy(logits, labels).item(),
-            "eval_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+    return evaluate_classifier(model, tokenizer, validation_file)
 
 
 def test_fsdp2_loss_per_step_equals_ddp_under_accumulation(runs):

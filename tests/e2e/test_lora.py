@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from scaletune.assets import model_path
 from scaletune.train import run
-from support.tiny import REPO, run_cli
+from support.tiny import REPO, evaluate_classifier, run_cli
 
 MINILM = "packaged:minilm"
 QUIET = {"disable_tqdm": True, "report_to": "none", "do_predict": False, "logging_steps": 1}
@@ -45,17 +45,7 @@ def _size(folder: Path) -> int:
 
 def _evaluate(model, tokenizer, validation_file: str) -> dict:
     """What the user does with an exported model: tokenize, predict, score (no scaletune code)."""
-    import pandas as pd
-    import torch
-    import torch.nn.functional as F
-
-    df = pd.read_csv(validation_file)
-    enc = tokenizer(list(df["text"]), padding=True, truncation=True, max_length=128, return_tensors="pt")
-    labels = torch.tensor([model.config.label2id[str(y)] for y in df["label"]])
-    with torch.no_grad():
-        logits = model.eval()(**enc).logits.float()
-    return {"eval_loss": F.cross_entropy(logits, labels).item(),
-            "eval_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+    return evaluate_classifier(model, tokenizer, validation_file)
 
 
 # --------------------------------------------------------------------------- the real MiniLM, one process

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from scaletune.preemption import parse_job_record, requeue_decision
+from support.faults import worker_pids
 from support.tiny import free_port
 
 SCONTROL_LINE = (
@@ -89,22 +90,6 @@ def test_watcher_turns_a_signal_into_a_stop_and_shields_child_processes():
     assert "rank 0 received SIGUSR1" in proc.stderr
 
 
-def _worker_pids(output_dir: Path) -> dict[int, int]:
-    """{rank: pid} of the training workers of the run writing to output_dir (read from /proc)."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = dict(kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0") if b"=" in kv)
-        except OSError:
-            continue
-        if b"scaletune.train" in cmdline and str(output_dir).encode() in cmdline and b"LOCAL_RANK" in environ:
-            out[int(environ[b"RANK"])] = int(entry.name)
-    return out
-
-
 def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentiment_files, tmp_path):
     """Only rank 1 gets SIGUSR1 (as when one node is warned before another): both ranks stop after the same
     update, write one complete checkpoint there, and exit cleanly."""
@@ -126,7 +111,7 @@ def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentime
                                             metrics.read_text().splitlines() if line.endswith("}"))):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-4000:]
             time.sleep(0.05)
-        pids = _worker_pids(out)
+        pids = worker_pids(out)
         assert sorted(pids) == [0, 1], pids
         os.kill(pids[1], signal.SIGUSR1)  # to rank 1 only
         log, _ = proc.communicate(timeout=240)

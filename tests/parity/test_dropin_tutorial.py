@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import sys
 
 import pytest
 
+from support import docs
+from support.docs import swap
 from support.tiny import REPO, accelerate_launch, make_tiny_bert, run_cli, write_sentiment_csv
 
 DOC = (REPO / "docs" / "migrating-from-trainer.md").read_text()
 
 
 def block_after(marker: str) -> str:
-    m = re.search(rf"<!-- {re.escape(marker)} -->\s*```python\n(.*?)```", DOC, flags=re.S)
-    assert m, f"no python block after <!-- {marker} --> in the migration guide"
-    return m.group(1)
-
-
-def swap(text: str, old: str, new: str) -> str:
-    assert text.count(old) == 1, f"expected {old!r} exactly once"
-    return text.replace(old, new)
+    return docs.block_after(DOC, marker, "python")
 
 
 def scaletune_script() -> tuple[str, str]:

@@ -19,6 +19,8 @@ import shlex
 import pytest
 import torch
 
+from support import docs
+from support.docs import swap
 from support.parity import rel, step_of
 from support.tiny import REPO, accelerate_launch, make_tiny_bert, write_sentiment_csv
 
@@ -26,14 +28,7 @@ DOC = (REPO / "docs" / "migrating-from-trainer.md").read_text()
 
 
 def block_after(marker: str, language: str) -> str:
-    m = re.search(rf"<!-- {re.escape(marker)} -->\s*```{language}\n(.*?)```", DOC, flags=re.S)
-    assert m, f"no ```{language} block after <!-- {marker} --> in the migration guide"
-    return m.group(1)
-
-
-def swap(text: str, old: str, new: str) -> str:
-    assert text.count(old) == 1, f"expected {old!r} exactly once in the documented example"
-    return text.replace(old, new)
+    return docs.block_after(DOC, marker, language)
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ def processes_of(output_dir: Path) -> dict[int, str]:
 
 
 def worker_pids(output_dir: Path) -> dict[int, int]:
-    """{rank: pid} of the training workers of the run writing to output_dir (as tests/e2e/test_preemption.py)."""
+    """{rank: pid} of the training workers of the run writing to output_dir (read from /proc)."""
     out = {}
     for entry in _proc_entries():
         try:
