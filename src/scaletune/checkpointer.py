@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 
 import yaml
 
-from . import checkpoint, schedule
+from . import checkpoint, model_weights, schedule
 from .errors import CheckpointError
 from .state import STATE_FILE, TrainingState, checkpoint_name
 
@@ -179,7 +179,7 @@ def check_resume_compatible(path: Path, config: Mapping, world_size: int) -> Non
     breaking, allowed = config_differences(saved, config)
     if breaking:
         raise CheckpointError(f"Cannot resume {path.name} exactly: " + "; ".join(breaking) + ". Use the "
-                              f"checkpoint's values (its config.yaml), or start a new run in another output_dir.")
+                              "checkpoint's values (its config.yaml), or start a new run in another output_dir.")
     if allowed:
         _say(f"resuming {path.name} with changed settings: " + "; ".join(allowed) + ".")
 
@@ -378,13 +378,13 @@ class Checkpointer:
         if not self.args.load_best_model_at_end or best is None:
             return
         self.accelerator.print(f"Loading best model from {best} (score: {state.best_metric}).")
-        checkpoint.load_model_weights(self.accelerator, self.model, best)
+        model_weights.load_model_weights(self.accelerator, self.model, best)
         steps = list(checkpoint.list_checkpoints(self.root))
         checkpoint.delete_checkpoints(self.accelerator, self.root, schedule.final_checkpoints_to_delete(
             steps, self.args.save_total_limit, state.best_checkpoint_step))
 
     def export(self) -> None:
-        checkpoint.export_model(self.accelerator, self.model, self.tokenizer, self.root)
+        model_weights.export_model(self.accelerator, self.model, self.tokenizer, self.root)
 
     def write_final_state(self, state: TrainingState) -> None:
         if self.accelerator.is_main_process:

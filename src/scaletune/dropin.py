@@ -26,8 +26,6 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-    from .losses import ItemLoss
-
 # TrainingArguments fields without a scaletune key of the same name: what to do instead when they are set.
 INSTEAD = {
     "use_cpu": "it is automatic without a GPU; `./launch PRESET --cpu N` runs N CPU processes",

@@ -118,9 +118,6 @@ def _by_step(out: Path, key: str) -> dict:
 
 def _evaluate(model_dir: Path, validation_file: str) -> dict:
     """One process, no scaletune: from_pretrained, tokenize, predict."""
-    import pandas as pd
-    import torch
-    import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)

@@ -40,16 +40,28 @@ def history(out) -> list:
 
 
 def test_ner_finetunes_real_minilm_on_tweets_beyond_all_o(tmp_path):
-    """The packaged pretrained MiniLM tags real tweets (packaged:tweet_ner): entity F1 above the all-O baseline's 0."""
-    r = run({**QUIET, "task": "token_classification", "model_name_or_path": "packaged:minilm",
-             "dataset_name": "packaged:tweet_ner", "max_seq_length": 64, "max_eval_samples": 120, "max_steps": 40,
-             "per_device_train_batch_size": 16, "per_device_eval_batch_size": 60, "learning_rate": 3e-4,
-             "warmup_steps": 0.1, "logging_steps": 10, "save_strategy": "no", "do_predict": False,
-             "output_dir": str(tmp_path / "ner")})
+    """The packaged pretrained MiniLM tags real tweets (packaged:tweet_ner): entity F1 above the all-O baseline's 0.
+
+    Only the tweets that name an entity (38%) are used, so 40 updates (a minute on 2 cores) see enough entities
+    to find some; on all tweets F1 leaves 0 after ~80 updates of 16 (the ner_tweets recipe trains on them all).
+    """
+    from scaletune import assets
+
+    files = {}
+    for split, path in assets.dataset_files("packaged:tweet_ner").items():
+        rows = [json.loads(line) for line in open(path)]
+        named = [r for r in rows if any(t != "O" for t in r["ner_tags"])]
+        target = tmp_path / f"{split}.jsonl"
+        target.write_text("".join(json.dumps(r) + "\n" for r in named))
+        files[f"{split}_file"] = str(target)
+    r = run({**QUIET, "task": "token_classification", "model_name_or_path": "packaged:minilm", **files,
+             "max_seq_length": 48, "max_eval_samples": 90, "max_steps": 40, "per_device_train_batch_size": 16,
+             "per_device_eval_batch_size": 45, "learning_rate": 3e-4, "warmup_steps": 0.1, "logging_steps": 10,
+             "save_strategy": "no", "do_predict": False, "output_dir": str(tmp_path / "ner")})
     m = r.metrics
-    assert m["eval_f1"] > 0.05 and m["eval_precision"] > 0 and m["eval_recall"] > 0, m
+    assert m["eval_f1"] > 0.08 and m["eval_precision"] > 0 and m["eval_recall"] > 0, m
     losses = train_losses(r.log_history)
-    assert losses[40] < losses[10] < 3.0  # from ~ln(21) tags
+    assert losses[40] < losses[10] / 2
 
 
 @pytest.mark.timeout(1200)
@@ -156,7 +168,7 @@ def test_clm_from_scratch_two_process_ddp_eval_equals_one_process(work):
 @pytest.mark.parametrize("task", ["token_classification", "clm"])
 def test_resume_mid_epoch_equals_uninterrupted(work, task):
     """Resumed from the step-3 checkpoint (mid-epoch) into a new folder: steps 4-7 lose exactly what the
-    uninterrupted run lost (NER with dropout on: the RNG state is restored too), across an epoch boundary."""
+    uninterrupted run lost (NER with dropout on, so the RNG state is restored too, and across an epoch boundary)."""
     args = ner_args if task == "token_classification" else clm_args
     full_out, resumed_out = work["root"] / f"{task}_full", work["root"] / f"{task}_resumed"
     steps = ["--max_steps", "7", "--save_steps", "3", "--eval_steps", "7", "--do_predict", "false"]

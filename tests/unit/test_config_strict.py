@@ -59,7 +59,7 @@ BAD_CLI = {
     "strategy not in its Literal": (["--save_strategy", "always"], "save_strategy='always' is not one of no, steps"),
     "scheduler not in its Literal": (["--lr_scheduler_type", "cosine_restarts"],
                                      "lr_scheduler_type='cosine_restarts' is not one of linear, cosine"),
-    "task not in its Literal": (["--task", "clm"], "task='clm' is not one of classification, "),
+    "task not in its Literal": (["--task", "summarization"], "task='summarization' is not one of classification, "),
     "mlm probability one": (["--mlm_probability", "1"], "mlm_probability=1 must be in (0, 1)"),
     "unknown key": (["--max_stepz", "3"], "Unknown config key 'max_stepz'. Did you mean 'max_steps'?"),
 }

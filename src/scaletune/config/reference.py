@@ -1,6 +1,6 @@
 """The documentation generated from the schema: README's configuration reference and `--help` text.
 
-Both read the attribute docstrings of `schema.py` (the single source of the docs) and the Literal types
+Both read the attribute docstrings of the groups (`schema.py`, `training.py`, `peft.py`: the single source of the docs) and the Literal types
 (the single source of allowed values), so a new field or choice is documented everywhere by writing it once.
 Everything here is cheap: `--help` must answer without importing torch.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import sys
 import textwrap
 import typing
 from typing import Literal
@@ -23,11 +24,12 @@ INDENT = " " * 8
 
 
 def field_docs() -> dict[str, dict[str, str]]:
-    """{group: {field: docstring}} read from schema.py's attribute docstrings (the single source of truth)."""
-    tree = ast.parse(inspect.getsource(schema))
+    """{group: {field: docstring}} read from the groups' attribute docstrings (the single source of truth)."""
     by_class = {cls.__name__: group for group, cls in GROUPS.items()}
-    docs: dict = {}
-    for node in tree.body:
+    modules = {sys.modules[cls.__module__] for cls in GROUPS.values()}
+    nodes = [node for module in modules for node in ast.parse(inspect.getsource(module)).body]
+    docs: dict = {group: {} for group in GROUPS}
+    for node in nodes:
         if isinstance(node, ast.ClassDef) and node.name in by_class:
             group = docs[by_class[node.name]] = {}
             body = node.body
