@@ -213,7 +213,7 @@ def _sequence_targets(task, raw, cfg, labels):
     None when it has no label column or some row has no label. Labels the model does not know are an error."""
     import logging
 
-    from .tasks.classification import is_missing
+    from .tasks.labels import is_missing
 
     col = cfg.data.label_column_name
     rows = raw["test"]

@@ -16,110 +16,23 @@ Label rules, as transformers' `run_classification.py`:
 
 from __future__ import annotations
 
-import csv
 import functools
 import logging
-import math
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..losses import ItemLoss
 from .base import PreparedData, Task
+from .labels import ID_COLUMNS, detect_label_kind, is_float_feature, is_list_feature, is_missing, label_source, row_names
+from .outputs import classification_metrics, write_prediction_file
 
 logger = logging.getLogger(__name__)
 
 # Column pairs tried in order when text_column_names is not given (as run_glue.py / run_classification.py).
 _DEFAULT_TEXT_COLUMNS = [("text",), ("sentence",), ("sentence1", "sentence2"), ("question", "sentence"),
                          ("premise", "hypothesis"), ("question1", "question2"), ("review",), ("content",)]
-_ID_COLUMNS = ("id", "idx", "guid")
-_SHOWN_ROWS = 5  # row indices named in an error message
-
-
-# --------------------------------------------------------------------------- label columns
-
-
-def is_missing(value) -> bool:
-    """No label: None (an empty CSV cell, a JSON null) or NaN."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def is_list_feature(feature) -> bool:
-    return isinstance(feature, (list, tuple)) or type(feature).__name__ in ("List", "LargeList", "Sequence")
-
-
-def _dtype(feature) -> str:
-    return str(getattr(feature, "dtype", ""))
-
-
-def is_float_feature(feature) -> bool:
-    return _dtype(feature).startswith("float")
-
-
-def is_numeric_feature(feature) -> bool:
-    return _dtype(feature).startswith(("int", "uint", "float")) and not hasattr(feature, "names")
-
-
-def is_string_feature(feature) -> bool:
-    return _dtype(feature) in ("string", "large_string")
-
-
-def check_no_label_smoothing(cfg, task: str) -> None:
-    """Label smoothing mixes class targets with the uniform distribution; a number or a label set has none."""
-    factor = cfg.training.label_smoothing_factor
-    if factor:
-        raise ConfigError(f"label_smoothing_factor={factor} applies to classification only; set it to 0 for "
-                          f"the {task} task.")
-
-
-def labelled_splits(raw, col: str):
-    """(split, dataset) for every split whose label column holds at least one label.
-
-    A test split with no label at all (a JSON null column, GLUE's hidden labels) is predicted without
-    metrics, so its column's type says nothing about the task.
-    """
-    for split, ds in raw.items():
-        if col in ds.column_names and any(not is_missing(v) for v in ds[col]):
-            yield split, ds
-
-
-def label_source(raw):
-    """The split the label set comes from: train, else validation (evaluation-only runs)."""
-    return raw["train"] if "train" in raw else raw["validation"] if "validation" in raw else next(iter(raw.values()))
-
-
-def detect_label_kind(raw, cfg) -> str:
-    """`classification`, `regression` or `multilabel`, from the label column of the train split.
-
-    Floats are regression (as run_glue.py) unless every value is a whole number: a CSV integer column with
-    blank cells reads as floats, and those are still class labels.
-    """
-    col = cfg.data.label_column_name
-    ds = label_source(raw)
-    if col not in ds.column_names:
-        return "classification"  # the missing column is reported by prepare_data
-    feature = ds.features[col]
-    if is_list_feature(feature) or (cfg.data.label_delimiter and is_string_feature(feature)):
-        return "multilabel"
-    if is_float_feature(feature):
-        values = [v for v in ds[col] if not is_missing(v)]
-        if values and all(float(v).is_integer() for v in values):
-            return "classification"
-        return "regression"
-    return "classification"
-
-
-def row_names(ds, rows: list[int]) -> str:
-    """How an error names rows: by the id column when there is one, else by 0-based index in the split."""
-    id_col = next((c for c in _ID_COLUMNS if c in ds.column_names), None)
-    shown = rows[:_SHOWN_ROWS]
-    more = ", ..." if len(rows) > _SHOWN_ROWS else ""
-    if id_col:
-        ids = ds.select(shown)[id_col]
-        return f"{id_col} " + ", ".join(str(i) for i in ids) + more
-    return "0-based rows " + ", ".join(str(i) for i in shown) + more
 
 
 def _delegated(method):
@@ -335,7 +248,7 @@ class ClassificationTask(Task):
                                    load_from_cache_file=not d.overwrite_cache, desc=f"Tokenizing {split}")
                 setattr(prepared, split, tokenized)
         if "test" in raw:
-            id_col = next((c for c in _ID_COLUMNS if c in raw["test"].column_names), None)
+            id_col = next((c for c in ID_COLUMNS if c in raw["test"].column_names), None)
             prepared.test_ids = list(raw["test"][id_col]) if id_col else list(range(len(raw["test"])))
 
     # ------------------------------------------------------------------ model
@@ -412,52 +325,3 @@ def _class_id(value, label_to_id):
         return -100  # only reachable in a test split, whose labels are dropped when any row lacks one
     key = value if value in label_to_id else str(value)
     return label_to_id[key]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def classification_metrics(logits: np.ndarray, label_ids: np.ndarray) -> dict:
-    """accuracy, precision, recall, F1 (binary for 2 classes, macro otherwise) and Matthews correlation."""
-    from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
-
-    preds = logits.argmax(-1) if logits.ndim > 1 else logits
-    mask = label_ids != -100
-    preds, label_ids = preds[mask], label_ids[mask]
-    num_classes = logits.shape[-1] if logits.ndim > 1 else int(max(preds.max(), label_ids.max())) + 1
-    average = "binary" if num_classes == 2 else "macro"
-    p, r, f1, _ = precision_recall_fscore_support(label_ids, preds, average=average, zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(label_ids, preds)),
-        "precision": float(p),
-        "recall": float(r),
-        "f1": float(f1),
-        "matthews_correlation": float(matthews_corrcoef(label_ids, preds)),
-    }
-
-
-def atomic_csv(path, header: list, rows) -> None:
-    """Write a CSV through a temporary file, so a crash never leaves half a prediction file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    tmp.replace(path)
-
-
-def label_names(id2label: dict, n: int) -> list[str]:
-    # id2label keys are ints in memory and strings after a config.json round trip.
-    return [id2label[i] if i in id2label else id2label[str(i)] for i in range(n)]
-
-
-def write_prediction_file(path, logits: np.ndarray, ids, id2label: dict) -> None:
-    """CSV: id, predicted label, and one probability column per label (as the tutorial's predict step)."""
-    probs = softmax(logits.astype(np.float64))
-    names = label_names(id2label, probs.shape[1])
-    atomic_csv(path, ["id", "prediction"] + [f"prob_{n}" for n in names],
-               ([i, names[int(row.argmax())]] + [f"{p:.6f}" for p in row] for i, row in zip(ids, probs)))

@@ -20,8 +20,10 @@ import numpy as np
 from ..errors import DataError
 from ..losses import BinaryCrossEntropy, ItemLoss
 from .base import PreparedData
-from .classification import (ClassificationTask, atomic_csv, check_no_label_smoothing, is_list_feature,
-                             is_missing, is_string_feature, label_names, label_source, labelled_splits, row_names)
+from .classification import ClassificationTask
+from .labels import (check_no_label_smoothing, is_list_feature, is_missing, is_string_feature, label_source,
+                     labelled_splits, row_names)
+from .outputs import atomic_csv, label_names
 
 DEFAULT_DELIMITER = "|"
 """Joins a predicted label set in the predictions file when no label_delimiter is configured."""

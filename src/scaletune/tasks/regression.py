@@ -16,8 +16,9 @@ import numpy as np
 from ..errors import DataError
 from ..losses import ItemLoss, MeanSquaredError
 from .base import PreparedData
-from .classification import (ClassificationTask, atomic_csv, check_no_label_smoothing, is_missing,
-                             is_numeric_feature, label_source, labelled_splits)
+from .classification import ClassificationTask
+from .labels import check_no_label_smoothing, is_missing, is_numeric_feature, label_source, labelled_splits
+from .outputs import atomic_csv
 
 
 class RegressionTask(ClassificationTask):

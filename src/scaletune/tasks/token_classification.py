@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..losses import IGNORE_INDEX
 from .base import PreparedData, Task
-from .classification import is_list_feature, row_names
+from .labels import is_list_feature, row_names
 
 logger = logging.getLogger(__name__)
 
