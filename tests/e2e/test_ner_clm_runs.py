@@ -102,7 +102,8 @@ def test_clm_finetunes_real_smollm2_below_unigram_perplexity(tmp_path):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("ner_clm")
-    return {"root": root, "bert": make_tiny_token_bert(root / "tiny_bert"), "llama": make_tiny_llama(root / "tiny_llama"),
+    return {"root": root, "bert": make_tiny_token_bert(root / "tiny_bert"),
+            "llama": make_tiny_llama(root / "tiny_llama"),
             "ner": ner_files(root / "ner_data"), "text": rotten_lines(root / "text_data")}
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..losses import IGNORE_INDEX, ItemLoss
 from .base import PreparedData, Task
 from .mlm import find_text_column, group_texts, perplexity, resize_token_embeddings, resolve_max_seq_length
@@ -417,4 +417,4 @@ def _empty_split_message(split: str, block_size: int, line_by_line: bool) -> str
 
 
 __all__ = ["CausalLMTask", "ShiftedCrossEntropy", "PadCollator", "unigram_perplexity", "next_token_accuracy",
-           "sample_continuations", "ConfigError"]
+           "sample_continuations"]

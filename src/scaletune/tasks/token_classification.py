@@ -366,8 +366,8 @@ class TokenClassificationTask(Task):
         if rows:
             i = rows[0]
             n_tags = len(tag_lists[i]) if tag_lists[i] is not None else 0
-            raise DataError(f"The {split} split has {len(rows)} sentence(s) whose {words_col!r} and {tags_col!r} differ "
-                            f"in length ({row_names(ds, rows)}; the first has {len(ds[i][words_col])} words and "
+            raise DataError(f"The {split} split has {len(rows)} sentence(s) whose {words_col!r} and {tags_col!r} "
+                            f"differ in length ({row_names(ds, rows)}; the first has {len(ds[i][words_col])} words and "
                             f"{n_tags} tags); give exactly one tag per word.")
         rows = problems["a missing tag"]
         if rows:
