@@ -24,19 +24,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def step_clock():
-    """Yields the list of wall-clock times after every optimizer step of any optimizer in this process."""
+    """Yields the list of (wall clock, process CPU time) after every optimizer step of any optimizer in this
+    process. The CPU time (all threads of this process) is the figure to read when other processes share the
+    machine: wall time then mostly measures them."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    stamps: list[float] = []
-    handle = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    stamps: list[tuple[float, float]] = []
+    handle = register_optimizer_step_post_hook(lambda *_: stamps.append((time.perf_counter(), time.process_time())))
     try:
         yield stamps
     finally:
         handle.remove()
 
 
-def gaps(stamps: list[float]) -> list[float]:
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+def gaps(stamps: list[tuple[float, float]]) -> list[float]:
+    """Wall-clock seconds of each update (the gap between two optimizer steps)."""
+    return [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+
+
+def cpu_gaps(stamps: list[tuple[float, float]]) -> list[float]:
+    """Process CPU seconds of each update."""
+    return [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads for this side (0: torch's default, one per core)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

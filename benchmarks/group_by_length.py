@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternate, collated_tokens, gaps, machine, other_load, step_clock, tiny_bert
+from common import alternate, collated_tokens, cpu_gaps, gaps, machine, other_load, set_threads, step_clock, tiny_bert
 
 SIDES = ("random", "group_by_length")
 
@@ -35,6 +35,7 @@ def one_side(args, strategy: str) -> dict:
 
     from scaletune.train import run
 
+    set_threads(args.threads)
     with (collated_tokens(DataCollatorWithPadding) as batches, tempfile.TemporaryDirectory() as out,
           step_clock() as stamps):
         result = run(dict(model_name_or_path=args.model, dataset_name="packaged:bbc_news", max_seq_length=args.seq,
@@ -44,8 +45,8 @@ def one_side(args, strategy: str) -> dict:
                           eval_strategy="no", do_eval=True, do_predict=False, logging_steps=args.steps,
                           disable_tqdm=True, report_to="none", seed=42,
                           max_eval_samples=args.eval_samples, max_train_samples=args.train_samples))
-        times = gaps(stamps)
-    return {"times": times, "batches": batches[:args.steps], "accuracy": result.metrics["eval_accuracy"]}
+        times, cpu = gaps(stamps), cpu_gaps(stamps)
+    return {"times": times, "cpu": cpu, "batches": batches[:args.steps], "accuracy": result.metrics["eval_accuracy"]}
 
 
 def main():
@@ -57,6 +58,7 @@ def main():
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--eval_samples", type=int, default=None)
     p.add_argument("--train_samples", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per side (0: one per core)")
     p.add_argument("--model", default="packaged:minilm")
     p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 10 steps, in one process: a smoke run")
     p.add_argument("--side", choices=SIDES)
@@ -69,7 +71,7 @@ def main():
         args.steps, args.seq, args.warmup, args.eval_samples, args.train_samples = 10, 128, 1, 16, 128
     load_before = other_load()
     child_args = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--model",
-                  args.model] + (["--eval_samples", str(args.eval_samples)] if args.eval_samples else []) + (
+                  args.model, "--threads", str(args.threads)] + (["--eval_samples", str(args.eval_samples)] if args.eval_samples else []) + (
                      ["--train_samples", str(args.train_samples)] if args.train_samples else [])
     results = alternate(__file__, list(SIDES), args.repeats, child_args,
                         in_process=(lambda name: one_side(args, name)) if args.tiny else None)
@@ -78,21 +80,25 @@ def main():
     print(f"load after:  {other_load()}")
     print(f"job: {args.model}, BBC News, batch {args.batch}, max_seq_length {args.seq}, {args.steps} updates x "
           f"{args.repeats} repeats per side, first {args.warmup} of each process dropped")
-    rate, acc = {}, {}
+    rate, cpu_rate, acc = {}, {}, {}
     for side, runs in results.items():
-        seconds = samples = tokens = padded = 0.0
+        seconds = cpu_seconds = samples = tokens = padded = 0.0
         for r in runs:
-            for t, rows in zip(r["times"][args.warmup:], r["batches"][args.warmup + 1:]):
+            for t, c, rows in zip(r["times"][args.warmup:], r["cpu"][args.warmup:], r["batches"][args.warmup + 1:]):
                 seconds += t
+                cpu_seconds += c
                 samples += len(rows)
                 tokens += sum(rows)
                 padded += max(rows) * len(rows)
-        rate[side] = samples / seconds
+        rate[side], cpu_rate[side] = samples / seconds, samples / cpu_seconds
         acc[side] = sum(r["accuracy"] for r in runs) / len(runs)
         accuracies = ", ".join(f"{r['accuracy']:.4f}" for r in runs)
         print(f"  {side:16s} {rate[side]:7.2f} samples/s  {tokens / seconds:8.0f} tokens/s  "
-              f"padding {1 - tokens / padded:6.1%} of the batch  eval accuracy {accuracies}")
+              f"{cpu_rate[side]:7.2f} samples/CPU-s  padding {1 - tokens / padded:6.1%} of the batch  "
+              f"eval accuracy {accuracies}")
     print(f"ratio group_by_length/random samples/s: {rate['group_by_length'] / rate['random']:.3f}")
+    print(f"CPU-time ratio (robust to other load) group_by_length/random samples per CPU-second: "
+          f"{cpu_rate['group_by_length'] / cpu_rate['random']:.3f}")
     print(f"eval accuracy difference group_by_length - random: {acc['group_by_length'] - acc['random']:+.4f}")
 
 

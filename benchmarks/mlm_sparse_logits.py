@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternate, gaps, machine, median, other_load, step_clock, tiny_bert
+from common import alternate, cpu_gaps, gaps, machine, median, other_load, set_threads, step_clock, tiny_bert
 
 SIDES = ("full", "sparse")
 
@@ -35,6 +35,7 @@ def one_side(args, side: str) -> dict:
     from scaletune.tasks.mlm import MaskedLMTask
     from scaletune.train import run
 
+    set_threads(args.threads)
     MaskedLMTask.sparse_logits = side == "sparse"
     try:
         with tempfile.TemporaryDirectory() as out, step_clock() as stamps:
@@ -45,11 +46,11 @@ def one_side(args, side: str) -> dict:
                               max_eval_samples=args.batch * 2, learning_rate=2e-4, max_steps=args.steps,
                               output_dir=out, save_strategy="no", eval_strategy="no", do_eval=True,
                               do_predict=False, logging_steps=1, disable_tqdm=True, report_to="none", seed=42))
-            times = gaps(stamps)
+            times, cpu = gaps(stamps), cpu_gaps(stamps)
     finally:
         MaskedLMTask.sparse_logits = True
     losses = [e["loss"] for e in result.log_history if "loss" in e]
-    return {"times": times, "losses": losses, "eval_loss": result.metrics["eval_loss"]}
+    return {"times": times, "cpu": cpu, "losses": losses, "eval_loss": result.metrics["eval_loss"]}
 
 
 def tiny_text(path: Path) -> str:
@@ -69,6 +70,7 @@ def main():
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per side (0: one per core)")
     p.add_argument("--model", default="packaged:minilm")
     p.add_argument("--train_file", default=None, help="a text file instead of BBC News")
     p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 6 steps, in one process: a smoke run")
@@ -84,25 +86,29 @@ def main():
     load_before = other_load()
     results = alternate(__file__, list(SIDES), args.repeats,
                         ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-                         "--model", args.model] + (["--train_file", args.train_file] if args.train_file else []),
+                         "--model", args.model, "--threads", str(args.threads)] + (
+                            ["--train_file", args.train_file] if args.train_file else []),
                         in_process=(lambda name: one_side(args, name)) if args.tiny else None)
     print(f"machine: {machine()}")
     print(f"load before: {load_before}")
     print(f"load after:  {other_load()}")
     print(f"job: {args.model} masked-LM on BBC News, batch {args.batch}, blocks of {args.seq} tokens, "
           f"{args.steps} updates x {args.repeats} repeats per side, first {args.warmup} of each process dropped")
-    med = {}
+    med, cpu = {}, {}
     for side, runs in results.items():
         times = [t for r in runs for t in r["times"][args.warmup:]]
         med[side] = median(times)
+        cpu[side] = median([c for r in runs for c in r["cpu"][args.warmup:]])
         per_repeat = ", ".join(f"{median(r['times'][args.warmup:]) * 1000:.1f}" for r in runs)
-        print(f"  {side:7s} {med[side] * 1000:8.1f} ms/update  ({len(times)} updates; per-repeat medians "
-              f"{per_repeat} ms)  final train loss {runs[0]['losses'][-1]:.6f}  eval loss {runs[0]['eval_loss']:.6f}")
+        print(f"  {side:7s} {med[side] * 1000:8.1f} ms/update  {cpu[side] * 1000:8.1f} CPU-ms/update  ({len(times)} "
+              f"updates; per-repeat medians {per_repeat} ms)  final train loss {runs[0]['losses'][-1]:.6f}  "
+              f"eval loss {runs[0]['eval_loss']:.6f}")
     worst = max(abs(a - b) / abs(b) for f, s in zip(results["full"], results["sparse"])
                 for a, b in zip(s["losses"], f["losses"]))
     eval_diff = max(abs(s["eval_loss"] - f["eval_loss"]) / abs(f["eval_loss"])
                     for f, s in zip(results["full"], results["sparse"]))
     print(f"ratio sparse/full ms/update: {med['sparse'] / med['full']:.3f}")
+    print(f"CPU-time ratio (robust to other load) sparse/full: {cpu['sparse'] / cpu['full']:.3f}")
     print(f"largest relative difference of the per-step train loss: {worst:.2e}; of the eval loss: {eval_diff:.2e}")
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternate, collated_tokens, gaps, machine, median, other_load, step_clock, tiny_bert
+from common import (alternate, collated_tokens, cpu_gaps, gaps, machine, median, other_load, set_threads,
+                    step_clock, tiny_bert)
 
 SIDES = ("bare", "trainer", "scaletune")
 
@@ -58,15 +59,15 @@ def prepared_data(args, out: str):
     return cfg, tok, prepared
 
 
-def run_scaletune(args, out: str) -> list[float]:
+def run_scaletune(args, out: str) -> list:
     from scaletune.train import run
 
     with step_clock() as stamps:
         run(job(args, out))
-    return gaps(stamps)
+    return stamps
 
 
-def run_trainer(args, out: str) -> list[float]:
+def run_trainer(args, out: str) -> list:
     import torch
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -82,10 +83,10 @@ def run_trainer(args, out: str) -> list[float]:
     trainer = Trainer(model=model, args=targs, train_dataset=prepared.train, data_collator=DataCollatorWithPadding(tok))
     with step_clock() as stamps:
         trainer.train()
-    return gaps(stamps)
+    return stamps
 
 
-def run_bare(args, out: str) -> list[float]:
+def run_bare(args, out: str) -> list:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from torch.utils.data import DataLoader
@@ -117,16 +118,17 @@ def run_bare(args, out: str) -> list[float]:
                 done += 1
                 if done == args.steps:
                     break
-    return gaps(stamps)
+    return stamps
 
 
 def one_side(args, name: str) -> dict:
     from transformers import DataCollatorWithPadding
 
+    set_threads(args.threads)
     with collated_tokens(DataCollatorWithPadding) as batches, tempfile.TemporaryDirectory() as out:
-        times = {"bare": run_bare, "trainer": run_trainer, "scaletune": run_scaletune}[name](args, out)
+        stamps = {"bare": run_bare, "trainer": run_trainer, "scaletune": run_scaletune}[name](args, out)
     # Loops fetch one batch ahead (accelerate) or not: the first `steps` batches are the ones trained on.
-    return {"times": times, "batches": batches[:args.steps]}
+    return {"times": gaps(stamps), "cpu": cpu_gaps(stamps), "batches": batches[:args.steps]}
 
 
 def main():
@@ -137,6 +139,7 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per side (0: one per core)")
     p.add_argument("--model", default="packaged:minilm")
     p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 6 steps, in one process: a smoke run")
     p.add_argument("--side", choices=SIDES)
@@ -150,7 +153,7 @@ def main():
     load_before = other_load()
     results = alternate(__file__, list(SIDES), args.repeats,
                         ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-                         "--model", args.model] + (["--bf16"] if args.bf16 else []),
+                         "--model", args.model, "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else []),
                         in_process=(lambda name: one_side(args, name)) if args.tiny else None)
     same = all(r["batches"] == results["bare"][0]["batches"] for runs in results.values() for r in runs)
     print(f"machine: {machine()}")
@@ -159,20 +162,24 @@ def main():
     print(f"job: {args.model}, Rotten Tomatoes, batch {args.batch}, seq <= {args.seq}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} updates x {args.repeats} repeats per side, "
           f"first {args.warmup} of each process dropped; same batches on every side: {same}")
-    med = {}
+    med, cpu = {}, {}
     for side, runs in results.items():
-        times, samples, tokens = [], [], []
+        times, cpus, samples, tokens = [], [], [], []
         for r in runs:
-            for t, rows in zip(r["times"][args.warmup:], r["batches"][args.warmup + 1:]):
+            for t, c, rows in zip(r["times"][args.warmup:], r["cpu"][args.warmup:], r["batches"][args.warmup + 1:]):
                 times.append(t)  # gap i ends with update i+1, which trained on batch i+1
+                cpus.append(c)
                 samples.append(len(rows) / t)
                 tokens.append(sum(rows) / t)
-        med[side] = median(times)
+        med[side], cpu[side] = median(times), median(cpus)
         per_repeat = ", ".join(f"{median(r['times'][args.warmup:]) * 1000:.1f}" for r in runs)
         print(f"  {side:10s} {med[side] * 1000:8.1f} ms/update  {median(samples):8.1f} samples/s  "
-              f"{median(tokens):9.0f} tokens/s  ({len(times)} updates; per-repeat medians {per_repeat} ms)")
+              f"{median(tokens):9.0f} tokens/s  {cpu[side] * 1000:8.1f} CPU-ms/update  ({len(times)} updates; "
+              f"per-repeat medians {per_repeat} ms)")
     print(f"ratio scaletune/trainer: {med['scaletune'] / med['trainer']:.3f}")
     print(f"ratio scaletune/bare: {med['scaletune'] / med['bare']:.3f}")
+    print(f"CPU-time ratios (robust to other load): scaletune/trainer {cpu['scaletune'] / cpu['trainer']:.3f}, "
+          f"scaletune/bare {cpu['scaletune'] / cpu['bare']:.3f}")
 
 
 if __name__ == "__main__":

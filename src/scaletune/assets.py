@@ -76,7 +76,8 @@ def model_path(name: str) -> str:
     if key in _MODEL_CONFIGS:
         return model_config_path(key)
     if key != "minilm":
-        raise AssetError(f"{name} is not a packaged model; the packaged model is {PREFIX}minilm.")
+        raise AssetError(f"{name} is not a packaged model; the packaged models are {PREFIX}minilm, {PREFIX}smollm2 "
+                         f"and the config {PREFIX}llama_small.")
     return str(_package_file(key).parent)
 
 

@@ -33,9 +33,20 @@ if TYPE_CHECKING:
 
 
 def _to_host(tree):
-    """A copy of every tensor in a (nested) state dict, on the CPU: training may change the originals next."""
-    return torch.utils._pytree.tree_map(
-        lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else copy.deepcopy(x), tree)
+    """A copy of every tensor in a (nested) state dict, on the CPU: training may change the originals next.
+    Tensors that share storage (tied embeddings and output layers) stay shared in the copy, as safetensors and
+    `load_state` expect them."""
+    copies: dict = {}
+
+    def one(x):
+        if not isinstance(x, torch.Tensor):
+            return copy.deepcopy(x)
+        key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.dtype, tuple(x.shape), tuple(x.stride()))
+        if key not in copies:
+            copies[key] = x.detach().to("cpu", copy=True)
+        return copies[key]
+
+    return torch.utils._pytree.tree_map(one, tree)
 
 
 def rng_state(step: int) -> dict:

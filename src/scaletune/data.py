@@ -22,6 +22,7 @@ _BUILDERS = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
     ".txt": ("text", {}),
+    ".conll": ("text", {}),  # token classification re-reads CoNLL files as sentences (tasks/token_classification)
 }
 
 
@@ -104,7 +105,7 @@ def load_raw_datasets(cfg, streaming: bool = False):
     for split, limit in (("train", d.max_train_samples), ("validation", d.max_eval_samples),
                          ("test", d.max_predict_samples)):
         # MLM counts max_*_samples in blocks after grouping, as run_mlm.py (tasks/mlm.py truncates).
-        if split in raw and limit is not None and d.task != "mlm":
+        if split in raw and limit is not None and d.task not in ("mlm", "clm"):
             raw[split] = raw[split].take(limit) if streaming else raw[split].select(range(min(limit, len(raw[split]))))
     if not streaming:
         for split, ds in raw.items():

@@ -269,7 +269,7 @@ def finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task, test
         test_output = evaluator.evaluate(test_dl, "test")
         metrics.update(test_output.metrics)
         if accelerator.is_main_process:
-            predictions_file = str(Path(t.output_dir) / "predictions.csv")
+            predictions_file = str(Path(t.output_dir) / task.predictions_file)
             task.write_predictions(predictions_file, test_output.predictions, prepared,
                                    accelerator.unwrap_model(checkpointer.model).config)
             if not Path(predictions_file).exists():  # MLM writes none: its test split gives metrics only

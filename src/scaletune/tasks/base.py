@@ -44,6 +44,8 @@ class Task:
     """Base class; see ClassificationTask and MaskedLMTask."""
 
     name: str = ""
+    predictions_file: str = "predictions.csv"
+    """The file `write_predictions` writes in output_dir (token classification writes CoNLL)."""
     metric_names: tuple = ("loss",)
     """Evaluation metrics the task reports (without `eval_`), checked against metric_for_best_model up front."""
 

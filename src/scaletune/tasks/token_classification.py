@@ -251,6 +251,8 @@ class TokenClassificationTask(Task):
 
     name = "token_classification"
     metric_names = ("loss", "precision", "recall", "f1", "accuracy")
+    predictions_file = "predictions.conll"
+    """The name the test split's predictions should have in output_dir (train.py writes predictions.csv for now)."""
 
     def __init__(self):
         self.fixed_labels: Optional[list[str]] = None
