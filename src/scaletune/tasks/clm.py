@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import DataError
 from ..losses import IGNORE_INDEX, ItemLoss
 from .base import PreparedData, Task
-from .mlm import find_text_column, group_texts, perplexity, resize_token_embeddings, resolve_max_seq_length
+from .text import (_column_names, _is_stream, _string_columns, _truncate, find_text_column, group_texts, perplexity,
+                   resize_token_embeddings, resolve_max_seq_length)
 
 logger = logging.getLogger(__name__)
 
@@ -134,26 +135,6 @@ class PadCollator:
 
 
 # --------------------------------------------------------------------------- the task
-
-
-def _is_stream(ds) -> bool:
-    import datasets
-
-    return isinstance(ds, datasets.IterableDataset)
-
-
-def _column_names(ds) -> list[str]:
-    names = getattr(ds, "column_names", None)
-    if names is None:  # a stream whose features are unknown until read
-        names = list(next(iter(ds)).keys())
-    return list(names)
-
-
-def _string_columns(ds) -> Optional[list[str]]:
-    features = getattr(ds, "features", None)
-    if not features:
-        return None
-    return [n for n, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
 
 
 def model_config(cfg):
@@ -398,14 +379,6 @@ def _token_counts(ds, vocab_size: int) -> np.ndarray:
     flat = pc.list_flatten(ds.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
     flat = np.asarray(flat, dtype=np.int64)
     return np.bincount(flat, minlength=max(vocab_size, int(flat.max()) + 1 if flat.size else 0))
-
-
-def _truncate(ds, limit: Optional[int]):
-    if limit is None:
-        return ds
-    if _is_stream(ds):
-        return ds.take(limit)
-    return ds.select(range(min(limit, len(ds))))
 
 
 def _empty_split_message(split: str, block_size: int, line_by_line: bool) -> str:

@@ -28,11 +28,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -41,6 +39,11 @@ from ..assets import model_path
 from ..config import ConfigError
 from ..losses import SparseTokenCrossEntropy, labelled_first
 from .base import PreparedData, Task
+from .text import (  # noqa: F401  (re-exported: the MLM helpers' historical home)
+    DEFAULT_MAX_BLOCK, _column_names, _empty_split_message, _is_stream, _string_columns, _truncate,
+    embedding_resize_target, find_text_column, group_texts, non_empty_lines, perplexity, resize_token_embeddings,
+    resolve_max_seq_length, untrained_head_weights,
+)
 
 # torch and transformers are imported where they are used: train.preflight imports this module (for
 # metric_names) before torch is imported, so that a bad config fails in well under a second.
@@ -49,77 +52,12 @@ logger = logging.getLogger(__name__)
 
 # Texts per `datasets.map` batch when grouping: run_mlm.py's default, which decides where remainders fall.
 GROUP_BATCH_SIZE = 1000
-DEFAULT_MAX_BLOCK = 1024
 # Salts keep training and evaluation masks independent (an eval block equal to a train block is masked
 # differently).
 TRAIN_SALT, EVAL_SALT = 0, 1
 
 
 # --------------------------------------------------------------------------- pure decisions
-
-
-def resolve_max_seq_length(requested: Optional[int], tokenizer_max: int,
-                           max_position_embeddings: Optional[int] = None) -> int:
-    """Block size as run_mlm.py: default min(1024, tokenizer limit); a larger request is capped (warned).
-
-    The model's position table also caps it: a block longer than `max_position_embeddings` would crash
-    in the first forward pass, after the whole dataset has been tokenized.
-    """
-    limits = [tokenizer_max] + ([max_position_embeddings] if max_position_embeddings else [])
-    limit = min(limits)
-    if requested is None:
-        if limit > DEFAULT_MAX_BLOCK:
-            logger.warning("The tokenizer allows %d tokens; using max_seq_length=%d as run_mlm.py does "
-                           "(set max_seq_length to override).", limit, DEFAULT_MAX_BLOCK)
-        return min(limit, DEFAULT_MAX_BLOCK)
-    if requested < 1:
-        raise ConfigError(f"max_seq_length must be >= 1, got {requested}.")
-    if requested > limit:
-        logger.warning("max_seq_length=%d exceeds the model's limit %d; using %d.", requested, limit, limit)
-    return min(requested, limit)
-
-
-def find_text_column(column_names: list[str], requested: Optional[str],
-                     string_columns: Optional[list[str]] = None) -> str:
-    """The column holding the text: `requested`, else `text`, else the first string column.
-
-    run_mlm.py takes the first column; preferring a string one avoids training on an `idx` column.
-    `string_columns` is None when the types are unknown (some streams): then the first column.
-    """
-    if requested is not None:
-        if requested not in column_names:
-            raise ConfigError(f"text_column_name={requested!r} is not a column of the dataset; columns: "
-                              f"{', '.join(column_names)}. Set --text_column_name to one of them.")
-        return requested
-    if "text" in column_names:
-        return "text"
-    candidates = column_names if string_columns is None else [c for c in column_names if c in string_columns]
-    if not candidates:
-        raise ConfigError(f"No text column among {', '.join(column_names) or 'no columns'}; "
-                          "set --text_column_name.")
-    return candidates[0]
-
-
-def group_texts(examples: dict[str, list[list]], block_size: int) -> dict[str, list[list]]:
-    """Concatenate every column's sequences and cut them into blocks of `block_size`.
-
-    The tail shorter than a block is dropped (as run_mlm.py), so a batch of texts totalling T tokens
-    yields T // block_size blocks and loses T % block_size tokens.
-    """
-    concatenated = {k: list(chain.from_iterable(v)) for k, v in examples.items()}
-    total = len(next(iter(concatenated.values()), []))
-    total = (total // block_size) * block_size
-    return {k: [t[i: i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()}
-
-
-def non_empty_lines(texts: list) -> list[str]:
-    """line_by_line keeps lines with any non-space character (run_mlm.py)."""
-    return [t for t in texts if t and not t.isspace()]
-
-
-def embedding_resize_target(num_tokens: int, embedding_rows: int) -> Optional[int]:
-    """New embedding size when the tokenizer knows more tokens than the model embeds, else None."""
-    return num_tokens if num_tokens > embedding_rows else None
 
 
 def example_seed(input_ids, seed: int, epoch: int, salt: int) -> int:
@@ -143,14 +81,6 @@ def masked_token_accuracy(predictions: np.ndarray, label_ids: np.ndarray) -> flo
     if not counted.any():
         return float("nan")
     return float((preds[counted] == labels[counted]).mean())
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss); a huge or infinite loss gives inf instead of an OverflowError."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return float("inf")
 
 
 # --------------------------------------------------------------------------- collator
@@ -253,26 +183,6 @@ class _ContentSeededMasking:
 
 
 # --------------------------------------------------------------------------- the task
-
-
-def _string_columns(ds) -> Optional[list[str]]:
-    features = getattr(ds, "features", None)
-    if not features:
-        return None
-    return [name for name, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-
-
-def _column_names(ds) -> list[str]:
-    names = getattr(ds, "column_names", None)
-    if names is None:  # a stream whose features are unknown until read
-        names = list(next(iter(ds)).keys())
-    return list(names)
-
-
-def _is_stream(ds) -> bool:
-    import datasets
-
-    return isinstance(ds, datasets.IterableDataset)
 
 
 def _model_config(cfg):
@@ -482,33 +392,3 @@ def vocabulary_head(model):
     if lm_head is not None and output is not None and getattr(lm_head, "decoder", None) is output:
         return lm_head
     return output
-
-
-def untrained_head_weights(missing_keys, base_model_prefix: str) -> list[str]:
-    """Checkpoint tensors missing outside the encoder (`bert.`, `roberta.`...): the head starts random."""
-    return sorted(k for k in missing_keys if not k.startswith(base_model_prefix + "."))
-
-
-def resize_token_embeddings(model, num_tokens: int) -> Optional[int]:
-    """Grow the embedding matrix when the tokenizer has added tokens (the check run_mlm.py makes)."""
-    target = embedding_resize_target(num_tokens, model.get_input_embeddings().weight.shape[0])
-    if target is not None:
-        logger.info("Resizing token embeddings from %d to %d rows to fit the tokenizer.",
-                    model.get_input_embeddings().weight.shape[0], target)
-        model.resize_token_embeddings(target)
-    return target
-
-
-def _truncate(ds, limit: Optional[int]):
-    if limit is None:
-        return ds
-    if _is_stream(ds):
-        return ds.take(limit)
-    return ds.select(range(min(limit, len(ds))))
-
-
-def _empty_split_message(split: str, block_size: int, line_by_line: bool) -> str:
-    if line_by_line:
-        return f"The {split} split has no non-empty line; check text_column_name and the data file."
-    return (f"The {split} split has fewer than max_seq_length={block_size} tokens in total, so grouping yields no "
-            f"block (run_mlm.py drops the remainder); lower max_seq_length, add data, or use line_by_line.")
