@@ -215,8 +215,19 @@ def save_checkpoint(accelerator, folder: Path, state: TrainingState, model, toke
     accelerator.wait_for_everyone()
 
 
+def readable_as_umask_allows(paths) -> None:
+    """Files written 0600 (safetensors writes through a private temporary file) get the mode every other file
+    gets, so a checkpoint or export on a shared filesystem is readable by the group like the rest."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        if p.is_file() and p.stat().st_mode & 0o777 == 0o600:
+            p.chmod(0o666 & ~mask)
+
+
 def complete(partial: Path, folder: Path, state: TrainingState, known: Optional[dict] = None) -> None:
     """Main process, once every rank's files are on disk: manifest, trainer_state.json last, fsync, rename."""
+    readable_as_umask_allows(partial.rglob("*"))
     try:
         write_manifest(partial, known)
         write_trainer_state(partial, state)  # written last: marks the checkpoint complete

@@ -291,4 +291,9 @@ def export_model(accelerator, model, tokenizer, output_dir: str | Path) -> None:
             unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
     if accelerator.is_main_process and tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
+    if accelerator.is_main_process:
+        from .checkpoint import readable_as_umask_allows  # checkpoint imports this module: import here
+
+        out = Path(output_dir)
+        readable_as_umask_allows([*out.glob("*"), *(out / lora.ADAPTER_DIR).glob("*")])
     accelerator.wait_for_everyone()

@@ -193,3 +193,14 @@ def test_ddp_and_compile_arguments_reach_the_accelerator(monkeypatch):
         assert acc.state.dynamo_plugin.mode == "reduce-overhead"
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_exported_and_checkpointed_weights_are_readable_like_every_other_file(tiny_bert, sentiment_files, tmp_path):
+    import os
+    import stat
+
+    job(tiny_bert, sentiment_files, tmp_path, "modes", max_steps=2, save_strategy="steps", save_steps=2)
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (tmp_path / "modes" / "model.safetensors", tmp_path / "modes" / "checkpoint-2" / "model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path  # not 0600 on a shared filesystem
