@@ -7,6 +7,7 @@ train when it is missing, and builds dataloaders.
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
 from typing import Optional
@@ -53,11 +54,28 @@ def check_files(cfg) -> None:
     for split, path in paths.items():
         if not os.path.isfile(path):
             raise DataError(f"{split}_file {path!r} does not exist.")
+        _check_utf8(split, path)
         if _has_no_rows(path):
             raise DataError(f"The {split} split is empty: {split}_file {path!r} holds no rows.")
     builders = {_builder_for(p)[0] for p in paths.values()}
     if len(builders) > 1:
         raise DataError(f"Data files mix formats ({', '.join(sorted(builders))}); use one format for all splits.")
+
+
+def _check_utf8(split: str, path: str) -> None:
+    """Text formats are read as UTF-8 (as `datasets` does): say so, naming the encoding problem, before loading."""
+    if Path(path).suffix.lower() == ".parquet":
+        return
+    offset = 0
+    with open(path, "rb") as f:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{split}_file {path!r} is not UTF-8 (byte {offset + e.start}: 0x{chunk[e.start]:02x}); "
+                                f"convert it, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`.") from None
+            offset += len(chunk)
 
 
 def _has_no_rows(path: str) -> bool:

@@ -1,0 +1,130 @@
+"""The bad-input table: each case through `python -m scaletune.train`, as a user runs it, into the output dir of
+an earlier real run. Every case: exit code 2, exactly one line on stderr naming the problem, no traceback, and
+no file of the earlier run changed (README states the count)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaletune.checkpointer import LOCK_FILE
+from scaletune.train import run
+
+QUIET_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+
+
+@pytest.fixture(scope="module")
+def earlier(tiny_bert, sentiment_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    run({"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(out), "max_steps": 2,
+         "save_steps": 1, "do_predict": False, "disable_tqdm": True})
+    return out
+
+
+def files(tmp: Path) -> dict:
+    """Bad data files, made once per test."""
+    made = {}
+    (tmp / "latin1.csv").write_bytes("text,label\ncaf\xe9 au lait,pos\nbon,neg\n".encode("latin-1"))
+    made["latin1"] = str(tmp / "latin1.csv")
+    (tmp / "data.xlsx").write_text("not a format we read")
+    made["xlsx"] = str(tmp / "data.xlsx")
+    (tmp / "header_only.csv").write_text("text,label\n")
+    made["header_only"] = str(tmp / "header_only.csv")
+    (tmp / "train.json").write_text('{"text": "good", "label": "pos"}\n')
+    made["json"] = str(tmp / "train.json")
+    (tmp / "bad.yaml").write_text("learning_rate: [1e-4\n")
+    made["bad_yaml"] = str(tmp / "bad.yaml")
+    (tmp / "list.yaml").write_text("- a\n- b\n")
+    made["list_yaml"] = str(tmp / "list.yaml")
+    return made
+
+
+def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
+    base = ["--model_name_or_path", tiny_bert, "--train_file", data["train_file"], "--validation_file",
+            data["validation_file"], "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_steps", "4",
+            "--save_steps", "1", "--disable_tqdm", "true"]
+    fresh = [a for a in base if a not in ("--resume_from_checkpoint", "latest")]
+    return {
+        # config: types, ranges, choices, combinations (before torch is imported)
+        "unknown key": ([*base, "--learnig_rate", "1e-4"], "Did you mean 'learning_rate'"),
+        "fractional max_steps": ([*base, "--max_steps", "1.5"], "max_steps"),
+        "fractional batch size": ([*base, "--per_device_train_batch_size", "8.7"], "per_device_train_batch_size"),
+        "word for an int": ([*base, "--per_device_train_batch_size", "eight"], "per_device_train_batch_size"),
+        "zero max_seq_length": ([*base, "--max_seq_length", "0"], "max_seq_length"),
+        "negative learning rate": ([*base, "--learning_rate", "-1"], "learning_rate"),
+        "nan learning rate": ([*base, "--learning_rate", "nan"], "learning_rate"),
+        "inf learning rate": ([*base, "--learning_rate", "inf"], "learning_rate"),
+        "negative weight decay": ([*base, "--weight_decay", "-0.1"], "weight_decay"),
+        "beta of one": ([*base, "--adam_beta1", "1"], "adam_beta1"),
+        "unknown strategy": ([*base, "--eval_strategy", "sometimes"], "eval_strategy"),
+        "unknown scheduler": ([*base, "--lr_scheduler_type", "cosine_restarts"], "lr_scheduler_type"),
+        "unknown optimizer": ([*base, "--optim", "lion"], "optim"),
+        "unknown task": ([*base, "--task", "summarization"], "task"),
+        "bf16 and fp16": ([*base, "--bf16", "--fp16"], "bf16 and fp16"),
+        "best model without eval": ([*base, "--load_best_model_at_end", "true"], "load_best_model_at_end"),
+        "cadence mismatch": ([*base, "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "4",
+                              "--load_best_model_at_end", "true"], "multiple of eval_steps"),
+        "patience without eval": ([*base, "--early_stopping_patience", "2"], "early_stopping_patience"),
+        "label smoothing of one": ([*base, "--label_smoothing_factor", "1"], "label_smoothing_factor"),
+        "plateau without eval": ([*base, "--lr_scheduler_type", "reduce_lr_on_plateau"], "reduce_lr_on_plateau"),
+        "scheduler kwargs not JSON": ([*base, "--lr_scheduler_kwargs", "{cycles"], "lr_scheduler_kwargs"),
+        "optim_args not key=value": ([*base, "--optim", "sgd", "--optim_args", "momentum"], "optim_args"),
+        "mlm probability one": ([*base, "--mlm_probability", "1"], "mlm_probability"),
+        "a value missing": ([*base, "--output_dir"], "output_dir"),
+        "unknown tracker": ([*base, "--report_to", "comet"], "report_to"),
+        "invalid YAML": ([bad["bad_yaml"], *base], "bad.yaml"),
+        "YAML that is no mapping": ([bad["list_yaml"], *base], "mapping"),
+        "no recipe of that name": (["no_such_recipe", *base], "no_such_recipe"),
+        "metric of another task": ([*base, "--eval_strategy", "steps", "--metric_for_best_model", "perplexity"],
+                                   "metric_for_best_model"),
+        "tf32 without a GPU": ([*base, "--tf32", "true"], "tf32"),
+        # data files (before the model loads)
+        "missing train file": ([*base, "--train_file", str(Path(data["train_file"]).parent / "nope.csv")],
+                               "does not exist"),
+        "unsupported format": ([*base, "--train_file", bad["xlsx"]], ".xlsx"),
+        "header-only file": ([*base, "--validation_file", bad["header_only"]], "empty"),
+        "mixed formats": ([*base, "--train_file", bad["json"]], "mix formats"),
+        "wrong text column": ([*base, "--text_column_names", "review_body"], "review_body"),
+        "wrong label column": ([*base, "--label_column_name", "sentiment"], "sentiment"),
+        "Latin-1 file": ([*base, "--train_file", bad["latin1"], "--validation_file", bad["latin1"]], "latin1.csv"),
+        # the output dir and the checkpoint
+        "fresh run into checkpoints": (fresh, "already holds checkpoints"),
+        "changed batch size on resume": ([*base, "--per_device_train_batch_size", "4"],
+                                         "per_device_train_batch_size: 8 -> 4"),
+        "missing checkpoint path": ([*fresh, "--resume_from_checkpoint", out + "/checkpoint-99"], "does not exist"),
+    }
+
+
+def test_bad_input_table(earlier, tiny_bert, sentiment_files, tmp_path):
+    import os
+
+    before = tree(earlier)
+    table = cases(tiny_bert, sentiment_files, files(tmp_path), str(earlier))
+    assert len(table) >= 30
+    failures = []
+    for name, (args, expected) in table.items():
+        proc = subprocess.run([sys.executable, "-m", "scaletune.train", *args], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **QUIET_ENV})
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        problems = []
+        if proc.returncode != 2:
+            problems.append(f"exit {proc.returncode}")
+        if len(lines) != 1 or not lines[0].startswith("scaletune: error: ") or expected not in lines[0]:
+            problems.append(f"stderr {lines[-3:]!r}")
+        if "Traceback" in proc.stderr + proc.stdout:
+            problems.append("traceback")
+        if tree(earlier) != before:
+            problems.append("changed the earlier run's files")
+        if problems:
+            failures.append(f"{name}: {'; '.join(problems)}")
+    assert not failures, "\n".join(failures)
