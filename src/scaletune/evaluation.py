@@ -139,8 +139,10 @@ class Evaluator:
         self.preprocess_logits = preprocess_logits
 
     def evaluate(self, dataloader: Optional[DataLoader] = None, prefix: str = "eval") -> PredictionOutput:
-        return evaluate(self.model, dataloader or self.dataloader, self.task, self.loss, self.accelerator, prefix,
-                        self.compute_metrics, self.preprocess_logits, self.args.eval_accumulation_steps or 1)
+        # `is None`, not `or`: the truth value of a DataLoader is its length, which a stream does not have.
+        loader = dataloader if dataloader is not None else self.dataloader
+        return evaluate(self.model, loader, self.task, self.loss, self.accelerator, prefix, self.compute_metrics,
+                        self.preprocess_logits, self.args.eval_accumulation_steps or 1)
 
     def track(self, state: TrainingState, metrics: dict) -> bool:
         """Update the early-stopping counter (against the previous best, §12) and the best metric (§9).
