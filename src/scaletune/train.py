@@ -209,7 +209,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
         if train_data is not None:
             train_data.check_position(state)  # before anything is written: a refused resume changes nothing
         reapply_schedule(scheduler, t)
-        accelerator.print(f"Resumed from {resume_path} at step {state.global_step}.")
+        accelerator.print(f"Resumed from {resume_path} at step {state.global_step}.", flush=True)
     elif t.overwrite_output_dir:
         checkpointer.start_fresh()
     tracker = RunTracker(cfg, accelerator, run_id=state.tracker_run_id,

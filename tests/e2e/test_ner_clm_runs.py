@@ -148,7 +148,7 @@ def test_ner_two_process_ddp_eval_equals_one_process(work):
         assert one[k] == pytest.approx(ddp[k], rel=1e-5, abs=1e-7), k
     assert ddp["eval_f1"] > 0  # a learnable toy task: the comparison is not between two zeros
     words, _ = read_conll(work["ner"]["test_file"])
-    predicted, tags = read_conll(str(out / "predictions.csv"))
+    predicted, tags = read_conll(str(out / "predictions.conll"))  # the task names its file (CoNLL)
     assert predicted == words and all(t in {"B-LOC", "B-PER", "I-LOC", "I-PER", "O"} for s in tags for t in s)
 
 

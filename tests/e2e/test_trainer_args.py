@@ -186,6 +186,7 @@ def test_ddp_and_compile_arguments_reach_the_accelerator(monkeypatch):
     cfg = load_config({"train_file": "x.csv", "ddp_find_unused_parameters": True, "ddp_timeout": 77,
                        "torch_compile_mode": "reduce-overhead"})
     assert cfg.training.torch_compile  # a compile mode implies compiling, as Trainer
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier in-process run's state must not answer
     try:
         acc = build_accelerator(cfg)
         assert acc.ddp_handler.find_unused_parameters is True
