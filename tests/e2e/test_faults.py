@@ -581,3 +581,32 @@ def test_a_moved_output_dir_reloads_its_best_checkpoint_from_the_new_place(tiny_
     assert f"Loading best model from {new / f'checkpoint-{best}'} (score: " in proc.stdout, proc.stdout[-2000:]
     assert str(old) not in proc.stdout + proc.stderr
     assert max_weight_diff(new, new / f"checkpoint-{best}") == 0.0  # the exported model is the best one
+
+
+# ============================================================================ restarts after a crash
+
+
+def test_max_restarts_resumes_a_crashed_run(tiny_bert, sentiment_files, tmp_path):
+    """`./launch multi_gpu --cpu 2 --max_restarts 1`: a worker is SIGKILLed after the first checkpoints; torchrun's
+    elastic agent restarts the workers, the restart resumes from the latest complete checkpoint by itself, and
+    the run finishes every step exactly once."""
+    from support.faults import worker_pids
+    from support.tiny import REPO
+
+    out = tmp_path / "out"
+    cmd = [str(REPO / "launch"), "multi_gpu", "--cpu", "2", "--max_restarts", "1",
+           *cli(base(tiny_bert, sentiment_files, out, max_steps=12, save_steps=1, save_total_limit=2))]
+    proc = start(cmd, tmp_path / "logs", "restarted")
+    try:
+        wait_for(lambda: len(list_checkpoints(out)) >= 2 and len(worker_pids(out)) == 2, proc, START_TIMEOUT,
+                 "two checkpoints")
+        os.kill(worker_pids(out)[1], signal.SIGKILL)  # a crash of one worker, not of the launcher
+        proc.wait(timeout=START_TIMEOUT)
+    finally:
+        stop(proc)
+    stdout, stderr = logs(proc)
+    assert proc.returncode == 0, (stdout + stderr)[-3000:]
+    assert "restart 1 after a failure; resuming from the latest checkpoint" in stderr + stdout
+    state = state_of(out)
+    assert state["global_step"] == 12
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, 13))  # each step once
