@@ -65,6 +65,7 @@ def preflight(args: TrainingArguments, env: Mapping[str, str] = os.environ) -> O
         acquire_lock(root, env)
     resume = resolve_resume(root, args.resume_from_checkpoint)
     if resume is not None:
+        check_trusted(resume, root, args.trust_checkpoint, env)
         adapt_to_world_size(resume, args, int(env.get("WORLD_SIZE", "1")), env)
     existing = checkpoint.list_checkpoints(root)
     if existing and resume is None and not args.overwrite_output_dir:
@@ -114,6 +115,18 @@ def resolve_resume(root: Path, resume_from_checkpoint: Optional[str]) -> Optiona
     if problem:
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {problem}. Resume from another checkpoint.")
     return path
+
+
+def check_trusted(path: Path, root: Path, trusted: bool, env: Mapping[str, str]) -> None:
+    """DeepSpeed resumes by unpickling its checkpoint files: only from this run's own output dir, unless the
+    user vouches for the source (trust_checkpoint). Other backends load with torch.load(weights_only=True)."""
+    from .distributed import deepspeed_requested
+
+    if trusted or not deepspeed_requested(env) or path.resolve().parent == root.resolve():
+        return
+    raise CheckpointError(f"{str(path)!r} is outside this run's output_dir, and DeepSpeed resumes by unpickling "
+                          f"(code in a checkpoint from an untrusted source would run): copy it into "
+                          f"{str(root)!r}, or pass --trust_checkpoint true if you trust its source.")
 
 
 def rescaled_accumulation(accumulation: int, saved_world: int, world: int) -> Optional[int]:

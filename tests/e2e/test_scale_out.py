@@ -208,7 +208,9 @@ def run_preset(preset: str, work) -> dict:
     # ZeRO-3 also recomputes activations (gradient checkpointing): its loss curve must not change.
     knobs = ["--gradient_checkpointing", "true"] if preset == "deepspeed_zero3" else []
     first, resumed = work["root"] / f"{preset}-run", work["root"] / f"{preset}-resumed"
-    for out, extra in ((first, []), (resumed, ["--resume_from_checkpoint", str(first / "checkpoint-2")])):
+    # The resume reads another folder's checkpoint: this test wrote it, so it is trusted (DeepSpeed unpickles).
+    for out, extra in ((first, []), (resumed, ["--resume_from_checkpoint", str(first / "checkpoint-2"),
+                                               "--trust_checkpoint", "true"])):
         args = _train_args(work, processes, out) + knobs + extra
         if preset.endswith("multi_node"):
             _launch_two_machines(preset, args, cwd=work["root"])

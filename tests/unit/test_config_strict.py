@@ -160,3 +160,16 @@ def test_config_errors_are_raised_before_torch_is_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+
+
+def test_a_deepspeed_checkpoint_from_outside_the_output_dir_needs_trust(tmp_path):
+    from scaletune.checkpointer import check_trusted
+    from scaletune.errors import CheckpointError
+
+    outside, root = tmp_path / "elsewhere" / "checkpoint-4", tmp_path / "run"
+    deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true"}
+    with pytest.raises(CheckpointError, match="trust_checkpoint"):
+        check_trusted(outside, root, False, deepspeed)
+    check_trusted(outside, root, True, deepspeed)  # the user vouches for it
+    check_trusted(root / "checkpoint-4", root, False, deepspeed)  # the run's own checkpoint
+    check_trusted(outside, root, False, {})  # DDP loads with weights_only=True

@@ -130,6 +130,10 @@ class TrainingArguments:
     """float16 mixed precision with loss scaling."""
     resume_from_checkpoint: Optional[str] = None
     """`latest` (highest complete checkpoint in output_dir; fresh start if none) or a checkpoint path."""
+    trust_checkpoint: bool = False
+    """Allow resuming a DeepSpeed checkpoint from outside this run's output_dir. DeepSpeed's loader unpickles
+    (`torch.load(weights_only=False)`), so a checkpoint from an untrusted source could run code; checkpoints the
+    run wrote itself are trusted."""
     report_to: Union[str, list] = "none"
     """Trackers: `wandb`, `tensorboard`, `none`, or several (`wandb,tensorboard`)."""
     run_name: Optional[str] = None
