@@ -122,6 +122,13 @@ def test_ctrl_c_checkpoints_and_the_resume_matches_an_uninterrupted_run(referenc
     assert eval_loss(out) == pytest.approx(eval_loss(reference), rel=1e-6)
 
 
+def _lock_pid(out: Path):
+    try:
+        return json.loads((out / LOCK_FILE).read_text()).get("pid")
+    except (OSError, ValueError):
+        return None
+
+
 def _partial_keys(out: Path) -> set:
     """Identity of every `.partial` folder: (name, inode, ctime). A save that starts changes the folder (a stale
     one is removed and made again), so a key not seen before means a save is under way."""
@@ -152,8 +159,15 @@ def test_kill_9_during_saves_never_resumes_a_partial_checkpoint(reference, tiny_
         saves_to_see = rng.randint(1, 2)  # kill in the first or the second save of this attempt...
         delay = rng.uniform(0.0, 0.25)  # ...this long after it started: inside the save, its rotation, or after
         before = _partial_keys(out)
+        stale = partials(out) if out.is_dir() else []
         proc = start(cmd, tmp_path / "logs", f"attempt-{attempt}")
         try:
+            if stale:
+                # The new run removes the interrupted saves' folders once it holds the lock (their ctime changes
+                # while they go): only after that does a `.partial` mean a save of this attempt.
+                wait_for(lambda: _lock_pid(out) == proc.pid and not set(stale) & set(partials(out)), proc,
+                         START_TIMEOUT, "the stale .partial folders removed")
+                before = set()
             seen: set = set()
 
             def save_started() -> bool:
