@@ -13,11 +13,13 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,21 +79,59 @@ def collated_tokens(collator_cls):
         collator_cls.__call__ = call
 
 
+def _cpu_ticks() -> Optional[tuple[int, int]]:
+    """(busy, total) clock ticks of the whole machine since boot, from /proc/stat (Linux); None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_until_quiet(max_wait: float, idle_share: float = 0.9, windows: int = 3) -> bool:
+    """Wait until the machine was >= `idle_share` idle for `windows` consecutive 2-second windows."""
+    deadline, quiet = time.monotonic() + max_wait, 0
+    while time.monotonic() < deadline:
+        a = _cpu_ticks()
+        time.sleep(2)
+        b = _cpu_ticks()
+        if a is None or b is None:
+            return True  # no /proc/stat: nothing to wait for
+        quiet = quiet + 1 if (b[0] - a[0]) <= (1 - idle_share) * max(b[1] - a[1], 1) else 0
+        if quiet >= windows:
+            return True
+    return False
+
+
 def run_side(script: str, side: str, args: list[str], timeout: int = 3600) -> dict:
-    """Run one side in a fresh process (`python SCRIPT --side SIDE ARGS`); its last stdout line is JSON."""
+    """Run one side in a fresh process (`python SCRIPT --side SIDE ARGS`); its last stdout line is JSON, to
+    which `others_cpu` is added: the share of the machine's CPU that other processes used meanwhile."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks"),
                                                                      os.environ.get("PYTHONPATH", "")])}
+    ticks, children, start = _cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     proc = subprocess.run([sys.executable, script, "--side", side, *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"side {side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    after, done = _cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    if ticks is not None and after is not None:
+        hz = os.sysconf("SC_CLK_TCK")
+        ours = (done.ru_utime + done.ru_stime) - (children.ru_utime + children.ru_stime)
+        others = (after[0] - ticks[0]) / hz - ours
+        result["others_cpu"] = max(0.0, others) / ((time.monotonic() - start) * (os.cpu_count() or 1))
+    return result
 
 
-def alternate(script: str, sides: list[str], repeats: int, args: list[str], in_process=None) -> dict[str, list[dict]]:
+def alternate(script: str, sides: list[str], repeats: int, args: list[str], in_process=None,
+              wait_quiet: float = 0, max_others: float = 0.1, retries: int = 3) -> dict[str, list[dict]]:
     """Every side once per repeat, in turn (A B C A B C ...), so slow drifts of the machine hit all sides.
 
+    `wait_quiet` > 0 (a shared machine): before each side wait up to that many seconds for the machine to be
+    idle, and run a side again (up to `retries` times) when other processes used more than `max_others` of
+    the CPU while it ran; the share is kept in each result as `others_cpu`.
     `in_process(side) -> dict`: run the sides in this process instead (`--tiny` smoke runs: a fresh process
     per side costs more than a tiny side itself; the figures are then not for the record)."""
     out: dict[str, list[dict]] = {s: [] for s in sides}
@@ -102,9 +142,30 @@ def alternate(script: str, sides: list[str], repeats: int, args: list[str], in_p
 
                 out[side].append(in_process(side))
                 AcceleratorState._reset_state(reset_partial_state=True)  # the next side builds its own
-            else:
-                out[side].append(run_side(script, side, args))
+                continue
+            for attempt in range(retries + 1):
+                if wait_quiet:
+                    wait_until_quiet(wait_quiet)
+                result = run_side(script, side, args)
+                if not wait_quiet or result.get("others_cpu", 0.0) <= max_others or attempt == retries:
+                    break
+                print(f"  ({side}: other processes took {result['others_cpu']:.0%} of the CPU; running it again)",
+                      flush=True)
+            out[side].append(result)
     return out
+
+
+def quiet_summary(results: dict[str, list[dict]]) -> str:
+    shares = [r["others_cpu"] for runs in results.values() for r in runs if "others_cpu" in r]
+    if not shares:
+        return "other processes' CPU share during the sides: not measured"
+    return (f"other processes' CPU share during the sides: median {median(shares):.1%}, "
+            f"max {max(shares):.1%}")
+
+
+def paired_ratios(results: dict[str, list[dict]], a: str, b: str, key) -> list[float]:
+    """Per repeat, key(a's run) / key(b's run): sides of one repeat ran minutes apart, repeats may not."""
+    return [key(x) / key(y) for x, y in zip(results[a], results[b])]
 
 
 def median(values) -> float:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternate, collated_tokens, cpu_gaps, gaps, machine, other_load, set_threads, step_clock, tiny_bert
+from common import (alternate, collated_tokens, cpu_gaps, gaps, machine, other_load, quiet_summary, set_threads,
+                    step_clock, tiny_bert)
 
 SIDES = ("random", "group_by_length")
 
@@ -61,6 +62,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads per side (0: one per core)")
     p.add_argument("--model", default="packaged:minilm")
     p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 10 steps, in one process: a smoke run")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="shared machine: wait for it to be idle before each side, rerun sides disturbed by others")
     p.add_argument("--side", choices=SIDES)
     args = p.parse_args()
     if args.side:
@@ -74,10 +77,12 @@ def main():
                   args.model, "--threads", str(args.threads)] + (["--eval_samples", str(args.eval_samples)] if args.eval_samples else []) + (
                      ["--train_samples", str(args.train_samples)] if args.train_samples else [])
     results = alternate(__file__, list(SIDES), args.repeats, child_args,
-                        in_process=(lambda name: one_side(args, name)) if args.tiny else None)
+                        in_process=(lambda name: one_side(args, name)) if args.tiny else None,
+                        wait_quiet=args.wait_quiet)
     print(f"machine: {machine()}")
     print(f"load before: {load_before}")
     print(f"load after:  {other_load()}")
+    print(quiet_summary(results))
     print(f"job: {args.model}, BBC News, batch {args.batch}, max_seq_length {args.seq}, {args.steps} updates x "
           f"{args.repeats} repeats per side, first {args.warmup} of each process dropped")
     rate, cpu_rate, acc = {}, {}, {}

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternate, cpu_gaps, gaps, machine, median, other_load, set_threads, step_clock, tiny_bert
+from common import (alternate, cpu_gaps, gaps, machine, median, other_load, paired_ratios, quiet_summary,
+                    set_threads, step_clock, tiny_bert)
 
 SIDES = ("full", "sparse")
 
@@ -74,6 +75,8 @@ def main():
     p.add_argument("--model", default="packaged:minilm")
     p.add_argument("--train_file", default=None, help="a text file instead of BBC News")
     p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 6 steps, in one process: a smoke run")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="shared machine: wait for it to be idle before each side, rerun sides disturbed by others")
     p.add_argument("--side", choices=SIDES)
     args = p.parse_args()
     if args.side:
@@ -88,10 +91,12 @@ def main():
                         ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
                          "--model", args.model, "--threads", str(args.threads)] + (
                             ["--train_file", args.train_file] if args.train_file else []),
-                        in_process=(lambda name: one_side(args, name)) if args.tiny else None)
+                        in_process=(lambda name: one_side(args, name)) if args.tiny else None,
+                        wait_quiet=args.wait_quiet)
     print(f"machine: {machine()}")
     print(f"load before: {load_before}")
     print(f"load after:  {other_load()}")
+    print(quiet_summary(results))
     print(f"job: {args.model} masked-LM on BBC News, batch {args.batch}, blocks of {args.seq} tokens, "
           f"{args.steps} updates x {args.repeats} repeats per side, first {args.warmup} of each process dropped")
     med, cpu = {}, {}
@@ -108,6 +113,8 @@ def main():
     eval_diff = max(abs(s["eval_loss"] - f["eval_loss"]) / abs(f["eval_loss"])
                     for f, s in zip(results["full"], results["sparse"]))
     print(f"ratio sparse/full ms/update: {med['sparse'] / med['full']:.3f}")
+    pairs = paired_ratios(results, "sparse", "full", lambda r: median(r["times"][args.warmup:]))
+    print(f"per-repeat ratios sparse/full: {', '.join(f'{x:.3f}' for x in pairs)} (median {median(pairs):.3f})")
     print(f"CPU-time ratio (robust to other load) sparse/full: {cpu['sparse'] / cpu['full']:.3f}")
     print(f"largest relative difference of the per-step train loss: {worst:.2e}; of the eval loss: {eval_diff:.2e}")
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (alternate, collated_tokens, cpu_gaps, gaps, machine, median, other_load, set_threads,
-                    step_clock, tiny_bert)
+from common import (alternate, collated_tokens, cpu_gaps, gaps, machine, median, other_load, paired_ratios,
+                    quiet_summary, set_threads, step_clock, tiny_bert)
 
 SIDES = ("bare", "trainer", "scaletune")
 
@@ -142,6 +142,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads per side (0: one per core)")
     p.add_argument("--model", default="packaged:minilm")
     p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 6 steps, in one process: a smoke run")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="shared machine: wait for it to be idle before each side, rerun sides disturbed by others")
     p.add_argument("--side", choices=SIDES)
     args = p.parse_args()
     if args.side:
@@ -154,11 +156,13 @@ def main():
     results = alternate(__file__, list(SIDES), args.repeats,
                         ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
                          "--model", args.model, "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else []),
-                        in_process=(lambda name: one_side(args, name)) if args.tiny else None)
+                        in_process=(lambda name: one_side(args, name)) if args.tiny else None,
+                        wait_quiet=args.wait_quiet)
     same = all(r["batches"] == results["bare"][0]["batches"] for runs in results.values() for r in runs)
     print(f"machine: {machine()}")
     print(f"load before: {load_before}")
     print(f"load after:  {other_load()}")
+    print(quiet_summary(results))
     print(f"job: {args.model}, Rotten Tomatoes, batch {args.batch}, seq <= {args.seq}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} updates x {args.repeats} repeats per side, "
           f"first {args.warmup} of each process dropped; same batches on every side: {same}")
@@ -178,6 +182,13 @@ def main():
               f"per-repeat medians {per_repeat} ms)")
     print(f"ratio scaletune/trainer: {med['scaletune'] / med['trainer']:.3f}")
     print(f"ratio scaletune/bare: {med['scaletune'] / med['bare']:.3f}")
+    def side_median(r):
+        return median(r["times"][args.warmup:])
+
+    for other in ("trainer", "bare"):
+        pairs = paired_ratios(results, "scaletune", other, side_median)
+        print(f"per-repeat ratios scaletune/{other}: {', '.join(f'{x:.3f}' for x in pairs)} "
+              f"(median {median(pairs):.3f})")
     print(f"CPU-time ratios (robust to other load): scaletune/trainer {cpu['scaletune'] / cpu['trainer']:.3f}, "
           f"scaletune/bare {cpu['scaletune'] / cpu['bare']:.3f}")
 

@@ -32,21 +32,57 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-def _to_host(tree):
-    """A copy of every tensor in a (nested) state dict, on the CPU: training may change the originals next.
-    Tensors that share storage (tied embeddings and output layers) stay shared in the copy, as safetensors and
-    `load_state` expect them."""
-    copies: dict = {}
+def _storage_key(x: torch.Tensor) -> tuple:
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), x.dtype, tuple(x.shape), tuple(x.stride()))
 
-    def one(x):
-        if not isinstance(x, torch.Tensor):
-            return copy.deepcopy(x)
-        key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.dtype, tuple(x.shape), tuple(x.stride()))
-        if key not in copies:
-            copies[key] = x.detach().to("cpu", copy=True)
-        return copies[key]
 
-    return torch.utils._pytree.tree_map(one, tree)
+class HostStaging:
+    """Host memory for the writer's copy of the state, kept from one save to the next (torchtitan's
+    `async_with_pinned_mem` does the same): most of a fresh copy's time goes to faulting in new pages, so a
+    reused buffer makes the stall a plain memcpy. The cost is one host copy of the state held for the run.
+    A buffer is overwritten only after the writer of the previous save has finished with it: the
+    Checkpointer completes a background save before it stages the next one."""
+
+    def __init__(self):
+        self.buffers: dict[str, tuple[object, list]] = {}  # file name -> (tree structure, leaf buffers)
+
+    def copy(self, name: str, tree):
+        """A host copy of every tensor in a (nested) state dict: training may change the originals next.
+        Tensors that share storage (tied embeddings and output layers) stay shared in the copy, as safetensors
+        and `load_state` expect them."""
+        leaves, spec = torch.utils._pytree.tree_flatten(tree)
+        cached = self.buffers.get(name)
+        if cached is None or cached[0] != spec or not all(
+                (b.shape, b.dtype) == (x.shape, x.dtype) if isinstance(x, torch.Tensor) else b is None
+                for b, x in zip(cached[1], leaves)):
+            cached = self.buffers[name] = (spec, self._allocate(leaves))
+        copied, out, on_gpu = set(), [], False
+        for buffer, leaf in zip(cached[1], leaves):
+            if buffer is None:
+                out.append(copy.deepcopy(leaf))
+                continue
+            if id(buffer) not in copied:  # a tied tensor is copied once
+                buffer.copy_(leaf.detach(), non_blocking=leaf.is_cuda)
+                copied.add(id(buffer))
+                on_gpu |= leaf.is_cuda
+            out.append(buffer)
+        if on_gpu:
+            torch.cuda.synchronize()  # host-device sync: the non-blocking copies must land before the writer reads
+        return torch.utils._pytree.tree_unflatten(out, spec)
+
+    @staticmethod
+    def _allocate(leaves: list) -> list:
+        shared: dict = {}
+        buffers = []
+        for x in leaves:
+            if not isinstance(x, torch.Tensor):
+                buffers.append(None)
+                continue
+            key = _storage_key(x)
+            if key not in shared:
+                shared[key] = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+            buffers.append(shared[key])
+        return buffers
 
 
 def rng_state(step: int) -> dict:
@@ -62,7 +98,7 @@ class BackgroundSave:
     """One checkpoint on its way to disk."""
 
     def __init__(self, accelerator: Accelerator, folder: Path, state: TrainingState,
-                 write_extras: Callable[[Path], None], model_only: bool = False):
+                 write_extras: Callable[[Path], None], staging: HostStaging, model_only: bool = False):
         """`model_only` (save_only_model): the weights alone, no optimizer, scheduler or RNG state."""
         from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, SCHEDULER_NAME
 
@@ -80,13 +116,14 @@ class BackgroundSave:
         model, = accelerator._models
         self.files: dict[str, object] = {}
         if main:
-            self.files[SAFE_WEIGHTS_NAME] = _to_host(accelerator.get_state_dict(model, unwrap=False))
+            self.files[SAFE_WEIGHTS_NAME] = staging.copy(SAFE_WEIGHTS_NAME, accelerator.get_state_dict(
+                model, unwrap=False))
         if main and not model_only:
-            self.files[f"{OPTIMIZER_NAME}.bin"] = _to_host(accelerator._optimizers[0].state_dict())
+            self.files[f"{OPTIMIZER_NAME}.bin"] = staging.copy(OPTIMIZER_NAME, accelerator._optimizers[0].state_dict())
             if accelerator._schedulers:
                 self.files[f"{SCHEDULER_NAME}.bin"] = copy.deepcopy(accelerator._schedulers[0].state_dict())
             if accelerator.scaler is not None:
-                self.files[SCALER_NAME] = _to_host(accelerator.scaler.state_dict())
+                self.files[SCALER_NAME] = copy.deepcopy(accelerator.scaler.state_dict())
         if not model_only:
             self.files[f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"] = rng_state(accelerator.step)
         self.write_extras = write_extras if main else None

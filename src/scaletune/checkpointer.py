@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers import PreTrainedTokenizerBase
 
-    from .background_save import BackgroundSave
+    from .background_save import BackgroundSave, HostStaging
     from .config import TrainingArguments
 
 LOCK_FILE = ".scaletune.lock"
@@ -137,7 +137,8 @@ def rescaled_accumulation(accumulation: int, saved_world: int, world: int) -> Op
 
 
 def adapt_to_world_size(path: Path, args: TrainingArguments, world: int, env: Mapping[str, str]) -> None:
-    """Resume on another number of processes (DDP): the data position is a number of samples of the global
+    """Resume on another number of processes (DDP, FSDP2 whose checkpoints reshard on load, DeepSpeed through
+    its universal checkpoint, zero_universal.py): the data position is a number of samples of the global
     order (a function of data_seed and epoch), so it carries over; the global batch is kept by rescaling
     gradient_accumulation_steps, said aloud. Anything that cannot be carried over exactly is an error."""
     state = checkpoint.read_trainer_state(path)
@@ -145,11 +146,6 @@ def adapt_to_world_size(path: Path, args: TrainingArguments, world: int, env: Ma
     if saved == world:
         return
     where = f"{path.name} was written by {saved} process(es) and this run has {world}"
-    from .distributed import deepspeed_requested
-
-    if deepspeed_requested(env) or env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise CheckpointError(f"{where}: DeepSpeed and FSDP checkpoints are sharded per process, so resume them on "
-                              f"{saved} process(es) (resuming on another count works for DDP).")
     accumulation = rescaled_accumulation(args.gradient_accumulation_steps, saved, world)
     if accumulation is None:
         raise CheckpointError(
@@ -288,6 +284,7 @@ class Checkpointer:
         self.tokenizer = tokenizer
         self.config_yaml = config_yaml
         self.pending: Optional[BackgroundSave] = None
+        self.staging: Optional[HostStaging] = None  # the background writer's host memory, made at its first save
         self.resumed_from: Optional[Path] = None
         self.pending_rotation: tuple[int, Optional[int]] = (0, None)
         # DeepSpeed, FSDP and LoRA checkpoints are written by their engines' own (collective) code: synchronous.
@@ -320,9 +317,10 @@ class Checkpointer:
         self.flush()
         folder = checkpoint.checkpoint_path(self.root, step)
         if self.background:
-            from .background_save import BackgroundSave  # torch: not imported by preflight
+            from .background_save import BackgroundSave, HostStaging  # torch: not imported by preflight
 
-            self.pending = BackgroundSave(self.accelerator, folder, state, self._write_extras,
+            self.staging = self.staging or HostStaging()
+            self.pending = BackgroundSave(self.accelerator, folder, state, self._write_extras, self.staging,
                                           model_only=self.args.save_only_model)
             self.pending_rotation = (step, state.best_checkpoint_step)
             return
@@ -357,9 +355,12 @@ class Checkpointer:
             raise CheckpointError(f"{path.name} holds the model only (saved with save_only_model): it has no optimizer, "
                                   f"scheduler or RNG state to resume from. Start a new run from its weights "
                                   f"(--model_name_or_path {path}).")
-        state = checkpoint.load_checkpoint(self.accelerator, path, self.model)
+        from .zero_universal import loadable
+
+        world, saved_world = self.accelerator.num_processes, checkpoint.read_trainer_state(path).world_size
+        with loadable(self.accelerator, self.model, path, saved_world, self.root) as folder:
+            state = checkpoint.load_checkpoint(self.accelerator, folder, self.model)
         self.resumed_from = path
-        world = self.accelerator.num_processes
         if state.world_size != world:
             # The same samples of the global order were consumed: batch k of rank r is global batch k*world+r.
             state.batches_in_epoch = state.batches_in_epoch * state.world_size // world

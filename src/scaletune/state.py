@@ -42,7 +42,7 @@ class TrainingState:
     num_input_tokens_seen: int = 0
     """Non-padding input tokens trained on, all processes (counted with include_num_input_tokens_seen)."""
     world_size: int = 1
-    """Processes that wrote this state: the data position is per rank, so a resume needs the same count."""
+    """Processes that wrote this state: `batches_in_epoch` is per rank, so a resume on another count converts it."""
     log_history: list = field(default_factory=list)
     tracker_run_id: Optional[str] = None
     """W&B run id, so a requeued job continues the same run."""

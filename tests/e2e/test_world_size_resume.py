@@ -1,4 +1,5 @@
-"""A checkpoint written on 2 processes resumes on 1, and one written on 1 resumes on 2 (DDP): the data position
+"""A checkpoint written on 2 processes resumes on 1, and one written on 1 resumes on 2 (DDP; ZeRO-2 and ZeRO-3
+through DeepSpeed's universal checkpoint; FSDP2 in test_fsdp2.py): the data position
 is samples of the global order, the global batch is kept by rescaling accumulation, and the per-step losses
 continue those of the uninterrupted run (fp32, no dropout)."""
 
@@ -6,10 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 
-from support.tiny import accelerate_launch
+from scaletune.checkpoint import verify
+from support.tiny import REPO, accelerate_launch, run_cli
 
 
 def args(model, files, out, **kw):
@@ -58,3 +61,34 @@ def test_a_count_that_cannot_keep_the_global_batch_is_refused(tiny_bert_no_dropo
                              timeout=120, check=False)
     assert proc.returncode != 0
     assert "written by 1 process(es) and this run has 2" in proc.stderr and "gradient_accumulation_steps" in proc.stderr
+
+
+def _launch(preset: str, processes: int, argv: list[str], cwd):
+    return run_cli([str(REPO / "launch"), preset, "--cpu", str(processes), *argv],
+                   env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("preset,saved_on,resumed_on,accumulation", [("deepspeed_zero2", 2, 1, 1),
+                                                                     ("deepspeed_zero3", 1, 2, 2)])
+def test_zero_checkpoints_resume_on_another_count_through_the_universal_format(
+        tiny_bert_no_dropout, sentiment_files, tmp_path, preset, saved_on, resumed_on, accumulation):
+    """ZeRO partitions the optimizer state per process; the resume converts the checkpoint to DeepSpeed's
+    universal format in a view beside it (the checkpoint itself stays as written) and continues the run."""
+    full = tmp_path / "full"
+    _launch(preset, saved_on, args(tiny_bert_no_dropout, sentiment_files, full, max_steps=6,
+                                   gradient_accumulation_steps=accumulation), tmp_path)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    proc = _launch(preset, resumed_on, args(tiny_bert_no_dropout, sentiment_files, resumed, max_steps=6,
+                                            gradient_accumulation_steps=accumulation,
+                                            resume_from_checkpoint="latest"), tmp_path)
+    said = proc.stdout + proc.stderr
+    assert f"gradient_accumulation_steps {accumulation} -> {accumulation * saved_on // resumed_on}" in said
+    assert "converted to DeepSpeed's universal checkpoint" in said
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(4, 7):  # fp32, no dropout: the same updates on the other count
+        assert b[step] == pytest.approx(a[step], abs=1e-4), (step, a[step], b[step])
+    assert not [p for p in resumed.iterdir() if p.name.startswith(".universal-")]  # the view is gone
+    assert verify(resumed / "checkpoint-3") is None  # and the checkpoint it was made from is as written

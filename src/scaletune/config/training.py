@@ -171,8 +171,9 @@ class TrainingArguments:
     """Allow TF32 matmuls on Ampere or newer GPUs (None: torch's default). True without such a GPU is an error."""
     save_in_background: bool = True
     """Write checkpoints in a background thread (DDP and single process): training stalls only while the state
-    is copied to host memory; the checkpoint is complete (renamed from .partial) once every process's files are
-    on disk, at the latest before the next save. DeepSpeed, FSDP and LoRA checkpoints are written synchronously."""
+    is copied to host memory (kept for the run, so each save is a plain copy); the checkpoint is complete
+    (renamed from .partial) once every process's files are on disk, at the latest before the next save.
+    DeepSpeed, FSDP and LoRA checkpoints are written synchronously."""
     save_only_model: bool = False
     """Checkpoints hold the model only (no optimizer, scheduler or RNG state): smaller, but they cannot be
     resumed from (the best-model reload works)."""
