@@ -30,10 +30,11 @@ ENGINE_DIR = "pytorch_model"  # accelerate's checkpoint id for the first model: 
 
 
 @contextlib.contextmanager
-def loadable(accelerator: Accelerator, engine: torch.nn.Module, path: Path, saved_world: int,
+def loadable(accelerator: Accelerator, model: torch.nn.Module, path: Path, saved_world: int,
              scratch: Path) -> Iterator[Path]:
     """Collective: a folder that `accelerator.load_state` loads on this process count -- `path` itself, or
-    under DeepSpeed when `saved_world` differs, its universal view (built in `scratch`, removed afterwards)."""
+    under DeepSpeed when `saved_world` differs, its universal view (built in `scratch`, removed afterwards).
+    `model`: the prepared model (under DeepSpeed its engine, which is told to load the universal format)."""
     from .distributed import all_agree, is_deepspeed
 
     if not is_deepspeed(accelerator) or saved_world == accelerator.num_processes:
@@ -56,12 +57,12 @@ def loadable(accelerator: Accelerator, engine: torch.nn.Module, path: Path, save
             f"resume it on {saved_world} process(es).")
     accelerator.print(f"scaletune: {path.name} was written by {saved_world} process(es): converted to DeepSpeed's "
                       f"universal checkpoint to load it on {accelerator.num_processes}.")
-    engine._config.load_universal_checkpoint = True  # read by DeepSpeedEngine.load_checkpoint only
+    model._config.load_universal_checkpoint = True  # read by DeepSpeedEngine.load_checkpoint only
     try:
         yield view
         accelerator.wait_for_everyone()  # every process has read the view
     finally:
-        engine._config.load_universal_checkpoint = False  # later loads (the best-model reload) are native again
+        model._config.load_universal_checkpoint = False  # later loads (the best-model reload) are native again
         if main:
             shutil.rmtree(view, ignore_errors=True)
 
