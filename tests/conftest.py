@@ -57,6 +57,18 @@ def sentiment_files(tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def finished_run(tiny_bert, sentiment_files, tmp_path_factory) -> Path:
+    """The output dir of a real 2-step run with a checkpoint per step: bad-input tests point runs at it and
+    check that nothing in it changes (so sharing it between them is safe)."""
+    from scaletune.train import run
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run({"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(out), "max_steps": 2,
+         "save_steps": 1, "do_predict": False, "disable_tqdm": True})
+    return out
+
+
 @pytest.fixture
 def accelerator():
     """A one-process CPU Accelerator, reset afterwards so that no singleton state leaks into other tests."""

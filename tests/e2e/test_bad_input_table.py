@@ -8,21 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from scaletune.train import run
 from support.faults import tree_digest as tree  # every file but the lock, by content
 
 QUIET_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def earlier(tiny_bert, sentiment_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("earlier") / "run"
-    run({"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(out), "max_steps": 2,
-         "save_steps": 1, "do_predict": False, "disable_tqdm": True})
-    return out
 
 
 def files(tmp: Path) -> dict:
@@ -99,11 +88,11 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
     }
 
 
-def test_bad_input_table(earlier, tiny_bert, sentiment_files, tmp_path):
+def test_bad_input_table(finished_run, tiny_bert, sentiment_files, tmp_path):
     import os
 
-    before = tree(earlier)
-    table = cases(tiny_bert, sentiment_files, files(tmp_path), str(earlier))
+    before = tree(finished_run)
+    table = cases(tiny_bert, sentiment_files, files(tmp_path), str(finished_run))
     assert len(table) >= 30
     failures = []
     for name, (args, expected) in table.items():
@@ -117,7 +106,7 @@ def test_bad_input_table(earlier, tiny_bert, sentiment_files, tmp_path):
             problems.append(f"stderr {lines[-3:]!r}")
         if "Traceback" in proc.stderr + proc.stdout:
             problems.append("traceback")
-        if tree(earlier) != before:
+        if tree(finished_run) != before:
             problems.append("changed the earlier run's files")
         if problems:
             failures.append(f"{name}: {'; '.join(problems)}")

@@ -4,7 +4,6 @@ already written is touched."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +12,7 @@ import pytest
 
 from scaletune.config import ConfigError, load_config
 from scaletune.train import run
-
-
-def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def trained_dir(tiny_bert, sentiment_files, tmp_path_factory):
-    """An output dir holding a real run's checkpoints, which every bad run below must leave untouched."""
-    out = tmp_path_factory.mktemp("existing") / "run"
-    run({"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(out), "max_steps": 2,
-         "save_steps": 1, "do_predict": False, "disable_tqdm": True})
-    return out
+from support.faults import tree_digest
 
 
 def write_csv(path: Path, rows: list[dict]) -> str:
@@ -59,27 +45,27 @@ def bad_cases(tmp: Path, files: dict) -> dict:
     }
 
 
-def test_bad_inputs_fail_early_and_touch_nothing(trained_dir, tiny_bert, sentiment_files, tmp_path):
-    before = tree_digest(trained_dir)
+def test_bad_inputs_fail_early_and_touch_nothing(finished_run, tiny_bert, sentiment_files, tmp_path):
+    before = tree_digest(finished_run, ignore=())
     for name, (override, message) in bad_cases(tmp_path, sentiment_files).items():
-        cfg = {"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(trained_dir),
+        cfg = {"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(finished_run),
                "resume_from_checkpoint": "latest", "max_steps": 4, "save_steps": 1, "disable_tqdm": True,
                **override}
         with pytest.raises(Exception) as err:
             run(cfg)
         assert message in str(err.value), f"{name}: {err.value}"
         # nothing trained, nothing written, nothing deleted
-        assert tree_digest(trained_dir) == before, name
+        assert tree_digest(finished_run, ignore=()) == before, name
 
 
-def test_fresh_run_into_existing_checkpoints_is_refused(trained_dir, tiny_bert, sentiment_files):
-    before = tree_digest(trained_dir)
+def test_fresh_run_into_existing_checkpoints_is_refused(finished_run, tiny_bert, sentiment_files):
+    before = tree_digest(finished_run, ignore=())
     with pytest.raises(Exception, match="already holds checkpoints.*--resume_from_checkpoint latest"):
-        run({"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(trained_dir)})
-    assert tree_digest(trained_dir) == before
+        run({"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(finished_run)})
+    assert tree_digest(finished_run, ignore=()) == before
 
 
-def test_incomplete_checkpoint_path_is_refused(trained_dir, tiny_bert, sentiment_files, tmp_path):
+def test_incomplete_checkpoint_path_is_refused(tiny_bert, sentiment_files, tmp_path):
     torn = tmp_path / "checkpoint-9"
     torn.mkdir()
     with pytest.raises(Exception, match="not a complete checkpoint"):

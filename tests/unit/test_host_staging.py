@@ -21,11 +21,16 @@ def step(model, optimizer):
     optimizer.step()
 
 
-def test_a_snapshot_that_training_does_not_change_with_ties_kept():
+def trained_once():
+    """A tied model after one AdamW update (so the optimizer has state), and an empty staging area."""
     model = tied_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     step(model, optimizer)
-    staging = HostStaging()
+    return model, optimizer, HostStaging()
+
+
+def test_a_snapshot_that_training_does_not_change_with_ties_kept():
+    model, optimizer, staging = trained_once()
     copy = staging.copy("state", state(model, optimizer))
     before = {k: v.clone() for k, v in copy["model"].items()}
     assert copy["model"]["0.weight"] is copy["model"]["1.weight"]  # tied in the copy, stored once
@@ -38,10 +43,7 @@ def test_a_snapshot_that_training_does_not_change_with_ties_kept():
 
 
 def test_the_next_save_reuses_the_host_memory_and_holds_the_new_values():
-    model = tied_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    step(model, optimizer)
-    staging = HostStaging()
+    model, optimizer, staging = trained_once()
     first = staging.copy("state", state(model, optimizer))
     pointers = {k: v.data_ptr() for k, v in first["model"].items()}
     exp_avg = first["optimizer"]["state"][0]["exp_avg"].data_ptr()

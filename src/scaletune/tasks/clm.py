@@ -34,8 +34,8 @@ import numpy as np
 from ..errors import DataError
 from ..losses import IGNORE_INDEX, ItemLoss
 from .base import PreparedData, Task
-from .text import (_column_names, _is_stream, _string_columns, _truncate, find_text_column, group_texts, perplexity,
-                   resize_token_embeddings, resolve_max_seq_length)
+from .text import (_column_names, _empty_split_message, _is_stream, _string_columns, _truncate, find_text_column,
+                   group_texts, perplexity, resize_token_embeddings, resolve_max_seq_length)
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class CausalLMTask(Task):
             if not _is_stream(ds):
                 info[f"{split}_examples"] = len(ds)
                 if len(ds) == 0:
-                    raise DataError(_empty_split_message(split, block_size, d.line_by_line))
+                    raise DataError(_empty_split_message(split, block_size, d.line_by_line, "run_clm.py"))
         train = out.get("train")
         if train is not None and not _is_stream(train):
             self._train_counts = _token_counts(train, len(tokenizer))
@@ -379,14 +379,6 @@ def _token_counts(ds, vocab_size: int) -> np.ndarray:
     flat = pc.list_flatten(ds.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
     flat = np.asarray(flat, dtype=np.int64)
     return np.bincount(flat, minlength=max(vocab_size, int(flat.max()) + 1 if flat.size else 0))
-
-
-def _empty_split_message(split: str, block_size: int, line_by_line: bool) -> str:
-    if line_by_line:
-        return f"The {split} split has no non-empty text; check text_column_name and the data file."
-    return (f"The {split} split has fewer than max_seq_length={block_size} tokens in total, so grouping yields no "
-            f"block (run_clm.py drops the remainder); lower max_seq_length (block_size), add data, or use "
-            f"line_by_line.")
 
 
 __all__ = ["CausalLMTask", "ShiftedCrossEntropy", "PadCollator", "unigram_perplexity", "next_token_accuracy",

@@ -21,6 +21,7 @@ from ..losses import IGNORE_INDEX
 logger = logging.getLogger("scaletune.tasks.token_classification")
 
 CONLL_SUFFIXES = (".conll", ".txt")
+"""Local files read as CoNLL under `task: token_classification`."""
 DOCSTART = "-DOCSTART-"
 
 

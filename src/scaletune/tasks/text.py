@@ -131,8 +131,10 @@ def _truncate(ds, limit: Optional[int]):
     return ds.select(range(min(limit, len(ds))))
 
 
-def _empty_split_message(split: str, block_size: int, line_by_line: bool) -> str:
+def _empty_split_message(split: str, block_size: int, line_by_line: bool, script: str = "run_mlm.py") -> str:
+    """Why a split yields no example after grouping or line filtering; `script`: the example script whose rule
+    this follows (run_mlm.py, run_clm.py)."""
     if line_by_line:
         return f"The {split} split has no non-empty line; check text_column_name and the data file."
     return (f"The {split} split has fewer than max_seq_length={block_size} tokens in total, so grouping yields no "
-            f"block (run_mlm.py drops the remainder); lower max_seq_length, add data, or use line_by_line.")
+            f"block ({script} drops the remainder); lower max_seq_length, add data, or use line_by_line.")

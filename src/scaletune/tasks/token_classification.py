@@ -28,14 +28,14 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..losses import IGNORE_INDEX
 from .base import PreparedData, Task
-from .labels import is_list_feature, row_names
 from .conll import (  # noqa: F401  (the pure pieces; tests and predict import them from here too)
-    CONLL_SUFFIXES, DOCSTART, read_conll, is_conll_file, conll_dataset, _conll_splits, align_labels, b_to_i_map, split_sentences, entity_metrics, write_conll, word_tags,
+    CONLL_SUFFIXES, DOCSTART, _conll_splits, align_labels, b_to_i_map, conll_dataset, entity_metrics, is_conll_file,
+    read_conll, split_sentences, word_tags, write_conll,
 )
+from .labels import is_list_feature, row_names
 
 logger = logging.getLogger(__name__)
 
-"""Local files read as CoNLL under `task: token_classification`."""
 _WORD_COLUMNS = ("tokens", "words")
 _TAG_COLUMNS = ("ner_tags", "tags", "pos_tags", "chunk_tags")
 DEFAULT_MAX_LENGTH = 512
@@ -51,7 +51,6 @@ class TokenClassificationTask(Task):
     name = "token_classification"
     metric_names = ("loss", "precision", "recall", "f1", "accuracy")
     predictions_file = "predictions.conll"
-    """The name the test split's predictions should have in output_dir (train.py writes predictions.csv for now)."""
 
     def __init__(self):
         self.fixed_labels: Optional[list[str]] = None
