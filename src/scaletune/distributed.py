@@ -306,7 +306,11 @@ def configure_model(model, training):
     """Memory knobs applied to the model before `prepare` (and FSDP2's layer choice). Returns the model."""
     plugin = _active_fsdp_plugin()
     if plugin is not None:
-        check_fsdp_ties(model)
+        from accelerate.state import PartialState
+
+        for name in untie_fsdp_aliases(model):
+            PartialState().print(f"FSDP2: {name} is kept under the output layer's name only (a parameter can "
+                                 f"belong to one FSDP unit); the export stores it once, as from_pretrained expects.")
         if plugin.transformer_cls_names_to_wrap is None:
             plugin.transformer_cls_names_to_wrap = fsdp_layers_to_wrap(model)
     if training.gradient_checkpointing:
@@ -348,24 +352,48 @@ def fsdp_layers_to_wrap(model) -> list[str]:
     return [n for n in names if n not in holders]
 
 
-def check_fsdp_ties(model) -> None:
-    """accelerate 1.15 gives the input and output embeddings their own FSDP2 unit; a parameter tied to one of
-    theirs but registered on another module (BERT's and RoBERTa's MLM output bias: `cls.predictions.bias` is
-    `cls.predictions.decoder.bias`) then lands in two units, which `fully_shard` refuses at the first forward.
-    Said before `prepare`, with the way out."""
+def _embedding_aliases(model) -> list[str]:
+    """Names of parameters registered outside the input/output embedding modules but shared with them."""
     embeddings = [m for m in (getattr(model, "get_input_embeddings", lambda: None)(),
                               getattr(model, "get_output_embeddings", lambda: None)()) if m is not None]
     inside = {id(m) for e in embeddings for m in e.modules()}
     shared = {id(p) for e in embeddings for p in e.parameters()}
-    for owner_name, owner in model.named_modules():
-        if id(owner) in inside:
-            continue
-        for name, p in owner.named_parameters(recurse=False):
-            if id(p) in shared:
-                raise ConfigError(
-                    f"FSDP2 cannot shard {type(model).__name__}: {owner_name}.{name} is tied to a parameter of its "
-                    f"embedding layers, and accelerate puts the two in different FSDP units; train this model with "
-                    f"deepspeed_zero3 (or multi_gpu).")
+    return [f"{owner_name}.{name}" if owner_name else name
+            for owner_name, owner in model.named_modules() if id(owner) not in inside
+            for name, p in owner.named_parameters(recurse=False) if id(p) in shared]
+
+
+def untie_fsdp_aliases(model) -> list[str]:
+    """Drops the second registration of an embedding parameter that another module also holds, so FSDP2 can
+    shard the model; returns the dropped names.
+
+    BERT's and RoBERTa's MLM output bias is registered twice: `cls.predictions.bias` is
+    `cls.predictions.decoder.bias`. accelerate 1.15 gives the embeddings (with the tied decoder) a unit of
+    their own and leaves the head module in the root unit, so the one tensor would belong to two units, which
+    `fully_shard` refuses. The head's own name is never read in a forward (the decoder adds the bias), so the
+    parameter stays registered on the decoder only, and the model's tie map forgets the pair, or
+    `tie_weights()` (accelerate calls it while sharding) would register it again. The export then stores the
+    bias once, under the decoder's name, which `from_pretrained` ties back (it ties in either direction).
+    """
+    aliases = _embedding_aliases(model)
+    if not aliases:
+        return []
+    for full_name in aliases:
+        owner_name, _, name = full_name.rpartition(".")
+        del model.get_submodule(owner_name)._parameters[name]
+    for attribute in ("_tied_weights_keys", "all_tied_weights_keys"):
+        mapping = getattr(model, attribute, None)
+        if isinstance(mapping, dict):
+            setattr(model, attribute, {target: source for target, source in mapping.items()
+                                       if target not in aliases and source not in aliases})
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # what accelerate will do: a tie map this did not understand shows up now
+    if _embedding_aliases(model):
+        raise ConfigError(
+            f"FSDP2 cannot shard {type(model).__name__}: {', '.join(aliases)} is tied to a parameter of its "
+            f"embedding layers, and accelerate puts the two in different FSDP units; train this model with "
+            f"deepspeed_zero3 (or multi_gpu).")
+    return aliases
 
 
 # --------------------------------------------------------------------------- queries for the loop / checkpoint

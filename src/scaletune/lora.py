@@ -283,7 +283,11 @@ def merged_model(model, full_state_dict: dict):
     missing, unexpected = skeleton.load_state_dict(full_state_dict, strict=False)
     inner = skeleton.get_base_model()
     if hasattr(inner, "tie_weights"):
-        inner.tie_weights()  # a tied decoder is stored once (or not at all) in a gathered state dict
+        # A tied parameter is stored once (or not at all) in a gathered state dict, and to_empty gave each of
+        # its names a tensor of its own: tie them again from the name that was loaded, in either direction, as
+        # from_pretrained does (FSDP2 keeps MLM's output bias under the decoder's name only).
+        prefix = next(name for name, m in skeleton.named_modules() if m is inner) + "."
+        inner.tie_weights(missing_keys={k[len(prefix):] for k in missing if k.startswith(prefix)})
     params = dict(skeleton.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in full_state_dict if k in params}
     missing = [k for k in missing if k in params and id(params[k]) not in loaded]

@@ -40,7 +40,25 @@ def _frozen_base_left_out(accelerator, model, loading: bool):
         return
     if is_deepspeed(accelerator):
         # The engine checkpoint then holds the trainable parameters only; loading it must not ask for the rest.
-        yield {"load_module_strict": False} if loading else {"exclude_frozen_parameters": True}
+        if loading:
+            yield {"load_module_strict": False}
+            return
+        # DeepSpeed leaves out the frozen names that `named_parameters()` lists, which names a tied parameter
+        # once: an MLM decoder tied to the word embeddings (30,522 x hidden) stayed in under its second name.
+        frozen = [n for n, p in model.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+        engine_state_dict = model.module_state_dict
+
+        def without_frozen(*args, **kwargs):
+            state = engine_state_dict(*args, **kwargs)
+            for name in frozen if kwargs.get("exclude_frozen_parameters") else ():
+                state.pop(name, None)
+            return state
+
+        model.module_state_dict = without_frozen  # the engine's save calls it through the instance
+        try:
+            yield {"exclude_frozen_parameters": True}
+        finally:
+            del model.module_state_dict
         return
     if is_fsdp(accelerator):
         # accelerate's FSDP checkpoint functions can save and load the adapter alone (adapter_only), but save_state

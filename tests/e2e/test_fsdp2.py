@@ -18,7 +18,7 @@ import pytest
 
 from scaletune.checkpoint import verify
 from scaletune.config import ConfigError
-from scaletune.distributed import check_fsdp_launch, check_fsdp_ties, fsdp_layers_to_wrap
+from scaletune.distributed import check_fsdp_launch, fsdp_layers_to_wrap, untie_fsdp_aliases
 from support.tiny import REPO, evaluate_classifier, make_tiny_bert, run_cli
 
 LAUNCH = str(REPO / "launch")
@@ -60,15 +60,33 @@ def test_launch_sets_the_cpu_switch_only_for_fsdp_with_cpu():
 
 
 def test_model_checks_made_before_prepare(tmp_path):
-    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, BertForMaskedLM
 
     classifier = AutoModelForSequenceClassification.from_pretrained(make_tiny_bert(tmp_path / "cls"))
     # BertEmbeddings is in _no_split_modules, but accelerate shards the word embedding on its own.
     assert fsdp_layers_to_wrap(classifier) == ["BertLayer"]
-    check_fsdp_ties(classifier)
-    mlm = AutoModelForMaskedLM.from_pretrained(make_tiny_bert(tmp_path / "mlm", mlm=True))
+    assert untie_fsdp_aliases(classifier) == []
+    # BERT's MLM bias has two names; the head's goes (the decoder, in the embeddings' unit, keeps it) and stays
+    # gone when accelerate calls tie_weights() while sharding. The decoder weight stays tied.
+    mlm_path = make_tiny_bert(tmp_path / "mlm", mlm=True, dropout=0.0)
+    mlm = AutoModelForMaskedLM.from_pretrained(mlm_path)
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    before = mlm(input_ids=ids).logits
+    assert untie_fsdp_aliases(mlm) == ["cls.predictions.bias"]
+    mlm.tie_weights()
+    assert "cls.predictions.bias" not in dict(mlm.named_parameters(remove_duplicate=False))
+    assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(mlm(input_ids=ids).logits, before, rtol=0, atol=0)
+    # A model whose own tie_weights registers the alias again cannot be sharded: said before prepare.
+
+    class RetiesItsHead(BertForMaskedLM):
+        def tie_weights(self, *args, **kwargs):
+            super().tie_weights(*args, **kwargs)
+            self.cls.predictions.bias = self.cls.predictions.decoder.bias
+
     with pytest.raises(ConfigError, match=r"cls\.predictions\.bias is tied .* deepspeed_zero3"):
-        check_fsdp_ties(mlm)
+        untie_fsdp_aliases(RetiesItsHead.from_pretrained(mlm_path))
 
 
 # --------------------------------------------------------------------------- launched runs

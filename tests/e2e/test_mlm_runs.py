@@ -185,6 +185,46 @@ def test_two_process_run_matches_one_process(mechanics, reference_1x8):
     assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]), rel=1e-9)
 
 
+def test_fsdp2_run_matches_one_process_and_exports_the_tied_head(mechanics, reference_1x8):
+    """BERT's MLM head holds its output bias under two names (`cls.predictions.bias` is the decoder's bias);
+    FSDP2 shards it once, under the decoder's name, and the export still loads as a plain BertForMaskedLM."""
+    import sys
+
+    from transformers import AutoModelForMaskedLM
+
+    from support.tiny import REPO, run_cli
+
+    out = mechanics["root"] / "fsdp2_2x4"
+    args = []
+    for k, v in {**mechanics["base"], "per_device_train_batch_size": 4, "save_strategy": "steps", "save_steps": 1,
+                 "load_best_model_at_end": True, "output_dir": str(out)}.items():
+        args += [f"--{k}", str(v)]
+    proc = run_cli([str(REPO / "launch"), "fsdp2", "--cpu", "2", *args], cwd=mechanics["root"], timeout=300,
+                   env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert "FSDP2: cls.predictions.bias is kept under the output layer's name only" in proc.stdout
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert list((out / "checkpoint-2" / "pytorch_model_fsdp_0").glob("*.distcp"))  # really sharded by FSDP
+    ref_train, fsdp_train = _train_entries(reference_1x8.log_history), _train_entries(state["log_history"])
+    assert [e["step"] for e in fsdp_train] == [1, 2]
+    for a, b in zip(fsdp_train, ref_train):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        # The norm is summed shard by shard, then across ranks: another float order over a 30,522-row gradient.
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    final = json.loads((out / "all_results.json").read_text())
+    assert final["eval_loss"] == pytest.approx(state["best_metric"], rel=1e-6)  # the best weights reloaded
+    exported, info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    head = exported.cls.predictions
+    assert head.bias is head.decoder.bias and head.decoder.weight is exported.bert.embeddings.word_embeddings.weight
+    # The loss falls, so the best is the last step: the export holds the one-process run's final weights.
+    assert state["best_global_step"] == 2
+    reference = AutoModelForMaskedLM.from_pretrained(reference_1x8.output_dir).state_dict()
+    moved = (head.bias - AutoModelForMaskedLM.from_pretrained(mechanics["model"]).cls.predictions.bias).abs()
+    assert moved.max() > 1e-3  # the shared bias was trained, not left at its initial value
+    for k, v in exported.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-5)
+
+
 def test_streaming_run_restarts_the_stream_until_max_steps(mechanics, tmp_path):
     from scaletune.train import run
 
