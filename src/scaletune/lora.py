@@ -238,10 +238,10 @@ def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
     `lora_bias: all`); both are kept."""
     from peft import get_peft_model_state_dict
 
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    # Given the parameters themselves, peft returns them under its file names (no tensor is copied).
-    return get_peft_model_state_dict(model, state_dict=trainable, adapter_name=model.active_adapter,
-                                     save_embedding_layers=False)
+    # Given the parameters themselves, peft picks the adapter's by name and returns them under its file names
+    # (no tensor is copied). All of them, not the trainable ones only: a loaded adapter is frozen.
+    return get_peft_model_state_dict(model, state_dict=dict(model.named_parameters()),
+                                     adapter_name=model.active_adapter, save_embedding_layers=False)
 
 
 def write_adapter(model, tensors: dict, folder: str | Path) -> None:

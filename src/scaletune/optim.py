@@ -32,8 +32,9 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
         {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
     ]
     # An empty group (LoRA on weights only: no trainable bias or norm) goes: DeepSpeed drops it from the
-    # optimizer it wraps, and a scheduler built with the empty group then has one rate too many.
-    groups = [g for g in groups if g["params"]]
+    # optimizer it wraps, and a scheduler built with the empty group then has one rate too many. (An
+    # evaluation-only run of a frozen model keeps one empty group: torch refuses an optimizer without any.)
+    groups = [g for g in groups if g["params"]] or groups[:1]
     # Trainer's handlers read `args.optim`: ours has the same name and values. The default, fused AdamW, is
     # Trainer's default too; the unfused kernel rounds differently (tests/parity/test_parity_loss.py).
     context = OptimizerContext(args=args, model=model, optimizer_kwargs={"lr": args.learning_rate},

@@ -72,6 +72,10 @@ def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[Path]:
     if t.on_nonfinite == "skip" and deepspeed_requested():
         raise ConfigError("on_nonfinite=skip is not possible under DeepSpeed, which applies the update inside "
                           "backward before the loss can be checked; use on_nonfinite=stop.")
+    if user.model is not None and t.do_train and not cfg.peft.use_peft and not any(
+            p.requires_grad for p in user.model.parameters()):
+        raise ConfigError(f"The {type(user.model).__name__} passed to run() has no trainable parameters (all "
+                          f"frozen), so training cannot change it: unfreeze some, or set do_train=false.")
     data.check_files(cfg)
     lora.preflight(cfg)
     return checkpointer.preflight(t)
@@ -155,10 +159,16 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     set_seed(t.seed)
     task = get_task(d.task)
     tokenizer = user.processing_class
-    if tokenizer is None and user.model is None:
-        tokenizer = AutoTokenizer.from_pretrained(model_path(m.tokenizer_name or m.model_name_or_path),
-                                                  cache_dir=m.cache_dir, revision=m.model_revision,
-                                                  trust_remote_code=m.trust_remote_code)
+    if tokenizer is None and (user.model is None or not user.brings_data):
+        # scaletune tokenizes the data: the config's tokenizer, or for the user's own model the one it was
+        # loaded from (its config's name_or_path; the default model_name_or_path is not that model's).
+        source = m.tokenizer_name or (m.model_name_or_path if user.model is None
+                                      else getattr(getattr(user.model, "config", None), "_name_or_path", None))
+        if not source:
+            raise ConfigError("run(model=...) was given no processing_class, and the data must be tokenized: pass "
+                              "processing_class=<tokenizer> or set tokenizer_name.")
+        tokenizer = AutoTokenizer.from_pretrained(model_path(source), cache_dir=m.cache_dir,
+                                                  revision=m.model_revision, trust_remote_code=m.trust_remote_code)
     if user.brings_data:
         prepared = dropin.user_prepared_data(task, tokenizer, cfg, accelerator.main_process_first,
                                              user.train_dataset, user.eval_dataset, user.test_dataset,

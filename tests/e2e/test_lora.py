@@ -132,6 +132,15 @@ def test_mlm_trains_the_new_head_and_the_merged_export_reproduces_the_evaluation
     check = run({**data, "model_name_or_path": str(out), "do_train": False, "output_dir": str(tmp_path / "eval")})
     assert check.metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"], abs=1e-4)
     assert check.metrics["eval_accuracy"] == pytest.approx(result.metrics["eval_accuracy"], abs=1e-6)
+    # The adapter alone on the pretrained MiniLM, as peft users load it (its new head transform comes with it).
+    from peft import PeftModel
+    from transformers import AutoModelForMaskedLM
+
+    adapted = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(model_path(MINILM)), out / "adapter")
+    check = run({**data, "model_name_or_path": str(out), "do_train": False, "output_dir": str(tmp_path / "eval2")},
+                model=adapted)
+    assert check.metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"], abs=1e-4)
+    assert check.metrics["eval_accuracy"] == pytest.approx(result.metrics["eval_accuracy"], abs=1e-6)
 
 
 # --------------------------------------------------------------------------- every backend, two processes

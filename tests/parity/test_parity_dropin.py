@@ -85,3 +85,24 @@ def test_unsupported_training_arguments_and_callbacks_fail_before_loading(tmp_pa
     with pytest.raises(ConfigError, match="PrinterCallback is not supported"):
         run({"train_file": "unused.csv", "output_dir": str(tmp_path / "y")}, callbacks=[PrinterCallback()])
     assert not (tmp_path / "y").exists()  # nothing created: refused before any work
+
+
+def test_a_user_model_with_data_files_is_tokenized_by_its_own_tokenizer(tiny_bert_no_dropout, sentiment_files,
+                                                                         tmp_path):
+    """run(model=...) without processing_class, over data files: the model's own tokenizer (the one it was
+    loaded from) tokenizes them and is exported with it. A frozen model, or one without a known source, is
+    refused in one line."""
+    from scaletune.errors import ConfigError
+
+    job = {**sentiment_files, "max_steps": 1, "do_predict": False, "disable_tqdm": True, "report_to": "none"}
+    result = run({**job, "output_dir": str(tmp_path / "own")}, model=user_model(tiny_bert_no_dropout))
+    assert result.global_step == 1 and "eval_accuracy" in result.metrics
+    assert (tmp_path / "own" / "tokenizer.json").is_file()
+    frozen = user_model(tiny_bert_no_dropout).requires_grad_(False)
+    with pytest.raises(ConfigError, match="has no trainable parameters"):
+        run({**job, "output_dir": str(tmp_path / "frozen")}, model=frozen)
+    assert not (tmp_path / "frozen").exists()  # refused before any work
+    anonymous = user_model(tiny_bert_no_dropout)
+    anonymous.config._name_or_path = ""
+    with pytest.raises(ConfigError, match="pass processing_class=<tokenizer> or set tokenizer_name"):
+        run({**job, "output_dir": str(tmp_path / "anonymous")}, model=anonymous)
