@@ -195,10 +195,15 @@ def mlm_backends(tmp_path_factory):
     norm, one optimizer group), on every backend; under FSDP2 the head's tied output bias is sharded once."""
     from support.tiny import make_tiny_bert
 
+    from support.mlm import rotten_texts
+
     root = tmp_path_factory.mktemp("lora_mlm_backends")
     model = str(make_tiny_bert(root / "tiny_mlm", mlm=True, dropout=0.0))
-    data = {"task": "mlm", "dataset_name": "packaged:bbc_news", "max_seq_length": 32, "max_train_samples": 32,
-            "max_eval_samples": 16}
+    texts = rotten_texts(96)  # real reviews, few enough that tokenizing them is instant in every process
+    (root / "train.txt").write_text("\n".join(texts[:64]) + "\n")
+    (root / "validation.txt").write_text("\n".join(texts[64:]) + "\n")
+    data = {"task": "mlm", "train_file": str(root / "train.txt"), "validation_file": str(root / "validation.txt"),
+            "max_seq_length": 32}
     outs = {}
     for preset in BACKENDS:
         outs[preset] = root / preset
