@@ -230,7 +230,6 @@ def build_accelerator(cfg) -> Accelerator:
 
     t = cfg.training
     use_deepspeed = deepspeed_requested()
-    _deepspeed_unwrapping(use_deepspeed)
     fsdp_on_cpu = check_fsdp_launch(os.environ, torch.cuda.is_available())
     plugin = build_deepspeed_plugin(t) if use_deepspeed else None
     fsdp_plugin = None
@@ -274,22 +273,6 @@ def build_accelerator(cfg) -> Accelerator:
     if fsdp_on_cpu:
         _fsdp_on_cpu(accelerator, fsdp_plugin)
     return accelerator
-
-
-_DEEPSPEED_AVAILABLE = None  # accelerate's own check, kept while a run without DeepSpeed replaces it
-
-
-def _deepspeed_unwrapping(use_deepspeed: bool) -> None:
-    """accelerate's `unwrap_model` imports DeepSpeed whenever it is installed, to recognise its engine: 0.4 s and
-    a "Setting accelerator to CPU" warning line in every process of a run that has no engine to recognise. A run
-    whose config does not ask for DeepSpeed tells accelerate it is not there (a later DeepSpeed run in the
-    same process gets accelerate's own check back)."""
-    global _DEEPSPEED_AVAILABLE
-    import accelerate.utils.other as other
-
-    if _DEEPSPEED_AVAILABLE is None:
-        _DEEPSPEED_AVAILABLE = other.is_deepspeed_available
-    other.is_deepspeed_available = _DEEPSPEED_AVAILABLE if use_deepspeed else (lambda: False)
 
 
 def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:

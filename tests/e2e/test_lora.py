@@ -117,8 +117,14 @@ def test_mlm_trains_the_new_head_and_the_merged_export_reproduces_the_evaluation
             "max_train_samples": 32, "max_eval_samples": 16, "per_device_train_batch_size": 8,
             "per_device_eval_batch_size": 16}
     out = tmp_path / "mlm"
-    result = run({**data, **BEST_IS_STEP_2, "model_name_or_path": MINILM, "learning_rate": 5e-3, "use_peft": True,
-                  "output_dir": str(out)})
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = run({**data, **BEST_IS_STEP_2, "model_name_or_path": MINILM, "learning_rate": 5e-3,
+                      "use_peft": True, "output_dir": str(out)})
+    share = re.search(r"trainable parameters [\d,]+ of [\d,]+ \(([\d.]+)%\)", stdout.getvalue())
+    assert share and float(share.group(1)) < 2, stdout.getvalue()[:2000]
+    # The adapter, the new head transform and their optimizer state: a tenth of the merged weights at most.
+    assert _size(out / "checkpoint-2") <= (out / "model.safetensors").stat().st_size / 10
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     # The encoder-only MiniLM has no MLM head: its new transform is trained whole; the decoder (tied to the
     # word embeddings) is not copied.
@@ -242,3 +248,51 @@ def test_mlm_lora_trains_saves_and_exports_under_every_backend(preset, mlm_backe
                  "output_dir": str(mlm_backends["root"] / f"eval_{preset}")})
     assert check.metrics["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-4), preset
     assert check.metrics["eval_accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6), preset
+
+
+# --------------------------------------------------------------------------- the other tasks, one process
+
+
+def _task_job(task: str, tiny_bert: str, tmp: Path) -> dict:
+    """Each task's data and a tiny model of the right kind (the model is not the point here)."""
+    from support.ner_clm import make_tiny_llama, make_tiny_token_bert, ner_files, rotten_lines
+
+    if task == "regression":
+        return {"task": task, "model_name_or_path": tiny_bert, "dataset_name": "packaged:lee_similarity",
+                "max_train_samples": 32, "max_eval_samples": 8, "max_seq_length": 48,
+                "ignore_mismatched_sizes": True}
+    if task == "multilabel":
+        return {"task": task, "model_name_or_path": tiny_bert, "dataset_name": "packaged:tweet_entity_types",
+                "label_delimiter": ";", "max_eval_samples": 8, "max_seq_length": 48,
+                "ignore_mismatched_sizes": True}
+    if task == "token_classification":
+        files = ner_files(tmp / "ner", 24, 8, 1)
+        return {"task": task, "model_name_or_path": make_tiny_token_bert(tmp / "bert"), "max_seq_length": 40,
+                "train_file": files["train_file"], "validation_file": files["validation_file"]}
+    files = rotten_lines(tmp / "text", 48, 12, 1)
+    return {"task": "clm", "model_name_or_path": make_tiny_llama(tmp / "llama"), "block_size": 32,
+            "train_file": files["train_file"], "validation_file": files["validation_file"]}
+
+
+@pytest.mark.parametrize("task, trained_whole", [("regression", ["classifier"]), ("multilabel", ["classifier"]),
+                                                 ("token_classification", ["classifier"]), ("clm", None)])
+def test_lora_on_every_other_task_checkpoints_the_adapter_and_exports_a_plain_model(task, trained_whole,
+                                                                                     tiny_bert, tmp_path):
+    job = {**QUIET, **_task_job(task, tiny_bert, tmp_path), "per_device_train_batch_size": 8,
+           "per_device_eval_batch_size": 8}
+    out = tmp_path / "out"
+    result = run({**job, "max_steps": 2, "eval_strategy": "steps", "eval_steps": 2, "save_steps": 2,
+                  "learning_rate": 5e-2, "use_peft": True, "output_dir": str(out)})
+    # The head of a task is new and trained whole; a causal LM's head is pretrained (tied): adapters only.
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == trained_whole
+    ckpt = out / "checkpoint-2"
+    assert not (ckpt / "model.safetensors").exists()
+    with safe_open(str(ckpt / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    lora = {k: t for k, t in tensors.items() if "lora_" in k}
+    assert lora and all(t.abs().sum() > 0 for t in lora.values())
+    assert all("lora_" in k or ".classifier." in k for k in tensors), sorted(tensors)
+    # The merged export is a plain model of the task: a one-process evaluation without peft reproduces the run's.
+    check = run({**job, "model_name_or_path": str(out), "do_train": False, "output_dir": str(tmp_path / "eval")})
+    assert check.metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"], abs=1e-4)
+    assert not any("lora" in k or "base_layer" in k for k in _keys(out / "model.safetensors"))
