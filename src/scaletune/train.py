@@ -181,12 +181,11 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     set_seed(t.seed)  # the head's init does not depend on how much randomness data loading used
     model = configure_model(user.model if user.model is not None else task.build_model(cfg, prepared, tokenizer),
                             t)  # gradient checkpointing
-    if cfg.peft.use_peft:
+    if cfg.peft.use_peft:  # LoRA adapters on the frozen pretrained model
         # The adapters' random init then depends on the seed only: loading under ZeRO-3 (zero.Init) draws
         # from the generator differently than a plain load, and every backend must start from the same adapter.
         set_seed(t.seed)
-    model = lora.apply(model, cfg)  # use_peft: LoRA adapters on the frozen pretrained model
-    if cfg.peft.use_peft:
+        model = lora.apply(model, cfg)
         accelerator.print(lora.trainable_summary(model))
     # Seeded again, as Trainer.__init__ does after the user built the model: the dropout stream then does not
     # depend on how much randomness a new head's init drew (tests/parity/test_parity_migration.py).

@@ -154,19 +154,36 @@ def test_mlm_trains_the_new_head_and_the_merged_export_reproduces_the_evaluation
 BACKENDS = ["multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
 
 
+# The same short LoRA job on each backend: evaluated and saved at step 2.
+BACKEND_JOB = ["--do_predict", "false", "--per_device_train_batch_size", "4", "--learning_rate", "5e-2",
+               "--max_steps", "2", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
+               "--save_steps", "2", "--use_peft", "true", "--disable_tqdm", "true"]
+
+
+def _launch_every_backend(root: Path, args: list[str]) -> dict:
+    """`./launch PRESET --cpu 2` for each backend, into root/PRESET; the output dirs by preset."""
+    outs = {preset: root / preset for preset in BACKENDS}
+    for preset, out in outs.items():
+        run_cli([str(REPO / "launch"), preset, "--cpu", "2", *args, *BACKEND_JOB, "--output_dir", str(out)],
+                cwd=root, timeout=600, env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    return outs
+
+
+def _adapter_tensors(folder: Path) -> dict:
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _checkpoint_bytes(ckpt: Path) -> int:
+    """What a checkpoint stores besides the tokenizer files."""
+    return sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file() and not p.name.startswith("tokenizer"))
+
+
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory, tiny_bert_no_dropout, sentiment_files):
-    root = tmp_path_factory.mktemp("lora_backends")
-    outs = {}
-    for preset in BACKENDS:
-        outs[preset] = root / preset
-        args = ["--model_name_or_path", tiny_bert_no_dropout, "--train_file", sentiment_files["train_file"],
-                "--validation_file", sentiment_files["validation_file"], "--do_predict", "false",
-                "--per_device_train_batch_size", "4", "--learning_rate", "5e-2", "--max_steps", "2",
-                "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
-                "--use_peft", "true", "--disable_tqdm", "true", "--output_dir", str(outs[preset])]
-        run_cli([str(REPO / "launch"), preset, "--cpu", "2", *args], cwd=root, timeout=600,
-                env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    outs = _launch_every_backend(tmp_path_factory.mktemp("lora_backends"), [
+        "--model_name_or_path", tiny_bert_no_dropout, "--train_file", sentiment_files["train_file"],
+        "--validation_file", sentiment_files["validation_file"]])
     return {"outs": outs, "model": tiny_bert_no_dropout, **sentiment_files}
 
 
@@ -176,13 +193,11 @@ def test_lora_trains_saves_and_exports_under_every_backend(preset, backends):
 
     out = backends["outs"][preset]
     for adapter in (out / "checkpoint-2" / "adapter", out / "adapter"):  # gathered from the shards of every backend
-        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = _adapter_tensors(adapter)
         assert tensors and all(t.numel() > 0 and t.abs().sum() > 0 for t in tensors.values()), preset
     # No copy of the frozen model in the checkpoint, whatever the backend's own format.
     model_bytes = (Path(backends["model"]) / "model.safetensors").stat().st_size
-    ckpt = [p for p in (out / "checkpoint-2").rglob("*") if p.is_file() and not p.name.startswith("tokenizer")]
-    assert sum(p.stat().st_size for p in ckpt) < model_bytes / 4
+    assert _checkpoint_bytes(out / "checkpoint-2") < model_bytes / 4
     # Identical updates everywhere: the same losses as DDP.
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     reference = json.loads((backends["outs"]["multi_gpu"] / "trainer_state.json").read_text())["log_history"]
@@ -199,9 +214,8 @@ def test_lora_trains_saves_and_exports_under_every_backend(preset, backends):
 def mlm_backends(tmp_path_factory):
     """Masked-LM LoRA on a tiny BERT whose MLM head is pretrained (so only the adapters train: no bias, no
     norm, one optimizer group), on every backend; under FSDP2 the head's tied output bias is sharded once."""
-    from support.tiny import make_tiny_bert
-
     from support.mlm import rotten_texts
+    from support.tiny import make_tiny_bert
 
     root = tmp_path_factory.mktemp("lora_mlm_backends")
     model = str(make_tiny_bert(root / "tiny_mlm", mlm=True, dropout=0.0))
@@ -210,16 +224,8 @@ def mlm_backends(tmp_path_factory):
     (root / "validation.txt").write_text("\n".join(texts[64:]) + "\n")
     data = {"task": "mlm", "train_file": str(root / "train.txt"), "validation_file": str(root / "validation.txt"),
             "max_seq_length": 32}
-    outs = {}
-    for preset in BACKENDS:
-        outs[preset] = root / preset
-        args = [f"--{k}={v}" for k, v in data.items()]
-        args += ["--model_name_or_path", model, "--do_predict", "false", "--per_device_train_batch_size", "4",
-                 "--learning_rate", "5e-2", "--max_steps", "2", "--logging_steps", "1", "--eval_strategy", "steps",
-                 "--eval_steps", "2", "--save_steps", "2", "--use_peft", "true", "--disable_tqdm", "true",
-                 "--report_to", "none", "--output_dir", str(outs[preset])]
-        run_cli([str(REPO / "launch"), preset, "--cpu", "2", *args], cwd=root, timeout=600,
-                env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    outs = _launch_every_backend(root, [*(f"--{k}={v}" for k, v in data.items()), "--model_name_or_path", model,
+                                        "--report_to", "none"])
     return {"outs": outs, "model": model, "data": data, "root": root}
 
 
@@ -227,14 +233,12 @@ def mlm_backends(tmp_path_factory):
 def test_mlm_lora_trains_saves_and_exports_under_every_backend(preset, mlm_backends):
     out = mlm_backends["outs"][preset]
     for adapter in (out / "checkpoint-2" / "adapter", out / "adapter"):
-        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = _adapter_tensors(adapter)
         # Only the adapters trained: 2 layers x query/value x A/B, each non-empty and moved off zero.
         assert len(tensors) == 8 and all("lora_" in k for k in tensors), sorted(tensors)
         assert all(t.numel() > 0 and t.abs().sum() > 0 for t in tensors.values()), preset
     model_bytes = (Path(mlm_backends["model"]) / "model.safetensors").stat().st_size
-    ckpt = [p for p in (out / "checkpoint-2").rglob("*") if p.is_file() and not p.name.startswith("tokenizer")]
-    assert sum(p.stat().st_size for p in ckpt) < model_bytes / 10
+    assert _checkpoint_bytes(out / "checkpoint-2") < model_bytes / 10
     # The adapters start from the same random init on every backend (a ZeRO-3 load draws from the generator
     # differently), so the updates and losses are DDP's.
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -287,8 +291,7 @@ def test_lora_on_every_other_task_checkpoints_the_adapter_and_exports_a_plain_mo
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == trained_whole
     ckpt = out / "checkpoint-2"
     assert not (ckpt / "model.safetensors").exists()
-    with safe_open(str(ckpt / "adapter" / "adapter_model.safetensors"), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = _adapter_tensors(ckpt / "adapter")
     lora = {k: t for k, t in tensors.items() if "lora_" in k}
     assert lora and all(t.abs().sum() > 0 for t in lora.values())
     assert all("lora_" in k or ".classifier." in k for k in tensors), sorted(tensors)
