@@ -25,8 +25,8 @@ import pytest
 from scaletune.checkpoint import list_checkpoints, verify
 from scaletune.state import STATE_FILE
 from support.faults import (LOCK_FILE, all_finite, assert_one_line_error, checkpoint_dirs, describe,
-                            launch_cmd, launch_env, logs, max_weight_diff, nonempty_lines, partials, processes_of,
-                            run, start, stop, train_cmd, tree_digest, wait_for, worker_pids)
+                            launch_cmd, launch_env, logs, max_weight_diff, nonempty_lines, partials, pause,
+                            processes_of, run, start, stop, train_cmd, tree_digest, wait_for, worker_pids)
 from support.tiny import write_sentiment_csv
 
 START_TIMEOUT = 300  # bound for a run's start-up and a few steps on 2 busy cores (prevents hangs; not a timing)
@@ -412,7 +412,7 @@ def test_second_run_is_refused_while_the_first_lives_and_takes_over_after_it_die
         wait_for(lambda: (out / LOCK_FILE).is_file() and bool(list_checkpoints(out)), first, START_TIMEOUT,
                  "lock file and first checkpoint")
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == first.pid
-        first.send_signal(signal.SIGSTOP)  # alive, but its files hold still while the second run tries
+        pause(first)  # alive, but its files hold still while the second run tries
         before = tree_digest(out, ignore=())  # the first run's lock included
         second = run(train_cmd(cli({**cfg, "resume_from_checkpoint": "latest"})), timeout=60)
         assert_one_line_error(second, f"output_dir {str(out)!r} is in use by another run (pid {first.pid} on")

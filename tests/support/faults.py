@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -87,6 +88,15 @@ def wait_for(condition: Callable[[], bool], proc: Optional[subprocess.Popen], ti
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout} s" + (f":\n{describe(proc)}" if proc else ""))
         time.sleep(interval)
+
+
+def pause(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGSTOP `proc` and wait until the kernel shows it stopped: the signal is delivered asynchronously, and a
+    digest taken in between can miss a file the run is still writing (seen in CI: a `.partial/.tmp*`)."""
+    proc.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    # Field 3 after the parenthesised command name is the state; "T" is stopped by a signal.
+    wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T", proc, timeout, "the run to stop")
 
 
 def stop(proc: subprocess.Popen) -> None:
