@@ -125,6 +125,8 @@ def run(args: ConfigSource = None, *, model=None, processing_class=None, train_d
         return _run(cfg, preflight(cfg, user), user)
     finally:
         release_lock(Path(cfg.training.output_dir))
+        if "scaletune.distributed" in sys.modules:
+            sys.modules["scaletune.distributed"].release_world_group()
         if "scaletune.preemption" in sys.modules:
             sys.modules["scaletune.preemption"].PreemptionWatcher.uninstall_current()
 

@@ -118,3 +118,22 @@ def test_mlm_sparse_logits_train_evaluate_and_export_like_full_logits(tmp_path, 
         assert sparse.metrics[key] == pytest.approx(full.metrics[key], rel=1e-5), key
     fill = pipeline("fill-mask", model=str(tmp_path / "sparse"), device="cpu")
     assert len(fill("the film was [MASK]")) == 5
+
+
+def test_a_run_without_deepspeed_never_imports_it(tiny_bert, sentiment_files, tmp_path):
+    """DeepSpeed is installed here, and accelerate's unwrap_model imports it whenever it is: a DDP or
+    one-process run must not pay for it (0.4 s and a stray warning line per process). One real run, with
+    checkpoints, evaluation and export (each unwraps the model), in a fresh interpreter."""
+    code = textwrap.dedent(f"""
+        import sys
+        from scaletune.train import run
+        run({{"model_name_or_path": {tiny_bert!r}, "train_file": {sentiment_files["train_file"]!r},
+              "validation_file": {sentiment_files["validation_file"]!r}, "max_steps": 2, "save_steps": 1,
+              "eval_strategy": "steps", "eval_steps": 1, "load_best_model_at_end": True,
+              "output_dir": {str(tmp_path / "out")!r}, "disable_tqdm": True, "report_to": "none"}})
+        print("deepspeed imported:", "deepspeed" in sys.modules)
+    """)
+    proc = run_cli([sys.executable, "-c", code], cwd=REPO, timeout=300)
+    assert "deepspeed imported: False" in proc.stdout, proc.stdout[-2000:]
+    assert "Setting accelerator to CPU" not in proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
