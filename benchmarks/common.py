@@ -28,15 +28,50 @@ REPO = Path(__file__).resolve().parents[1]
 def step_clock():
     """Yields the list of (wall clock, process CPU time) after every optimizer step of any optimizer in this
     process. The CPU time (all threads of this process) is the figure to read when other processes share the
-    machine: wall time then mostly measures them."""
+    machine: wall time then mostly measures them.
+
+    Under `lockstep` (BENCH_LOCKSTEP in the environment) the process also hands the machine to the next side
+    after every update and waits for its turn; the wait is left out of the wall clock, so a gap is still the
+    time of one update."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     stamps: list[tuple[float, float]] = []
-    handle = register_optimizer_step_post_hook(lambda *_: stamps.append((time.perf_counter(), time.process_time())))
+    turn = _Turn.from_env()
+    paused = 0.0  # wall-clock seconds spent waiting for this side's turn, left out of the stamps
+
+    def after_update(*_):
+        nonlocal paused
+        stamps.append((time.perf_counter() - paused, time.process_time()))
+        if turn is not None:
+            paused += turn.pass_on(last=len(stamps) == turn.updates)
+
+    handle = register_optimizer_step_post_hook(after_update)
     try:
         yield stamps
     finally:
         handle.remove()
+
+
+class _Turn:
+    """A side's end of the lockstep protocol: after each update write `s` and wait for the parent's `g`; after
+    the last one write `e` and go on alone (the parent waits for this process to exit before the next turn)."""
+
+    def __init__(self, read_fd: int, write_fd: int, updates: int):
+        self.read_fd, self.write_fd, self.updates = read_fd, write_fd, updates
+
+    @classmethod
+    def from_env(cls) -> Optional["_Turn"]:
+        spec = os.environ.get("BENCH_LOCKSTEP")
+        return cls(*(int(x) for x in spec.split(":"))) if spec else None
+
+    def pass_on(self, last: bool) -> float:
+        os.write(self.write_fd, b"e" if last else b"s")
+        if last:
+            return 0.0
+        start = time.perf_counter()
+        if os.read(self.read_fd, 1) != b"g":
+            raise SystemExit("lockstep: the benchmark's parent process went away")
+        return time.perf_counter() - start
 
 
 def gaps(stamps: list[tuple[float, float]]) -> list[float]:
@@ -104,12 +139,16 @@ def wait_until_quiet(max_wait: float, idle_share: float = 0.9, windows: int = 3)
     return False
 
 
+def _side_env() -> dict:
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks"),
+                                                                      os.environ.get("PYTHONPATH", "")])}
+
+
 def run_side(script: str, side: str, args: list[str], timeout: int = 3600) -> dict:
     """Run one side in a fresh process (`python SCRIPT --side SIDE ARGS`); its last stdout line is JSON, to
     which `others_cpu` is added: the share of the machine's CPU that other processes used meanwhile."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks"),
-                                                                     os.environ.get("PYTHONPATH", "")])}
+    env = _side_env()
     ticks, children, start = _cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     proc = subprocess.run([sys.executable, script, "--side", side, *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -153,6 +192,59 @@ def alternate(script: str, sides: list[str], repeats: int, args: list[str], in_p
                       flush=True)
             out[side].append(result)
     return out
+
+
+def lockstep(script: str, sides: list[str], args: list[str], updates: int, timeout: int = 3600) -> dict[str, dict]:
+    """All sides started at once, then taking turns update by update (A B C A B C ...): only one computes at a
+    time, and a drift of the machine (on these VMs the same process's 10-update median moves between 485 and
+    615 ms within a minute) hits neighbouring updates of every side alike. Each side waits, blocked and using
+    no CPU, until every side has made its first update (so no side's start-up overlaps another's timed
+    updates), and after its last update it finishes alone. Returns each side's JSON result."""
+    import tempfile
+
+    env = _side_env()
+    procs, pipes, logs = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sides:
+            go_read, go_write = os.pipe()
+            done_read, done_write = os.pipe()
+            logs[side] = (open(Path(tmp) / f"{side}.out", "w+"), open(Path(tmp) / f"{side}.err", "w+"))
+            procs[side] = subprocess.Popen(
+                [sys.executable, script, "--side", side, *args], stdout=logs[side][0], stderr=logs[side][1],
+                env={**env, "BENCH_LOCKSTEP": f"{go_read}:{done_write}:{updates}"}, pass_fds=(go_read, done_write))
+            os.close(go_read)
+            os.close(done_write)
+            pipes[side] = (go_write, done_read)
+        deadline = time.monotonic() + timeout
+
+        def wait_for(side: str) -> bytes:
+            message = os.read(pipes[side][1], 1)  # b"" when the side died
+            if not message or time.monotonic() > deadline:
+                procs[side].wait()
+                out, err = (f.seek(0) or f.read() for f in logs[side])
+                raise SystemExit(f"side {side} failed ({procs[side].returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+            return message
+
+        finished = {side for side in sides if wait_for(side) == b"e"}  # everyone's first update (untimed)
+        active = [side for side in sides if side not in finished]
+        while active:
+            for side in list(active):
+                os.write(pipes[side][0], b"g")
+                if wait_for(side) == b"e":
+                    procs[side].wait(timeout=max(1, deadline - time.monotonic()))
+                    active.remove(side)
+        results = {}
+        for side in sides:
+            procs[side].wait(timeout=max(1, deadline - time.monotonic()))
+            out, err = (f.seek(0) or f.read() for f in logs[side])
+            if procs[side].returncode != 0:
+                raise SystemExit(f"side {side} failed ({procs[side].returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+            results[side] = json.loads(out.strip().splitlines()[-1])
+            for fd in pipes[side]:
+                os.close(fd)
+            for f in logs[side]:
+                f.close()
+    return results
 
 
 def quiet_summary(results: dict[str, list[dict]]) -> str:

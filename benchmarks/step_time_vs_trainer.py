@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (alternate, collated_tokens, cpu_gaps, gaps, machine, median, other_load, paired_ratios,
+from common import (alternate, lockstep, collated_tokens, cpu_gaps, gaps, machine, median, other_load, paired_ratios,
                     quiet_summary, set_threads, step_clock, tiny_bert)
 
 SIDES = ("bare", "trainer", "scaletune")
@@ -122,6 +123,12 @@ def run_bare(args, out: str) -> list:
 
 
 def one_side(args, name: str) -> dict:
+    if name == "scaletune":
+        # What `python -m scaletune.train` does before torch is imported (huge pages for large CPU tensors);
+        # the other sides run as their users would write them.
+        from scaletune.train import cpu_allocator_defaults
+
+        cpu_allocator_defaults()
     from transformers import DataCollatorWithPadding
 
     set_threads(args.threads)
@@ -129,6 +136,11 @@ def one_side(args, name: str) -> dict:
         stamps = {"bare": run_bare, "trainer": run_trainer, "scaletune": run_scaletune}[name](args, out)
     # Loops fetch one batch ahead (accelerate) or not: the first `steps` batches are the ones trained on.
     return {"times": gaps(stamps), "cpu": cpu_gaps(stamps), "batches": batches[:args.steps]}
+
+
+def quartiles(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4)
+    return f"{q[0]:.3f}-{q[2]:.3f}"
 
 
 def main():
@@ -144,6 +156,9 @@ def main():
     p.add_argument("--tiny", action="store_true", help="a 2-layer BERT, 6 steps, in one process: a smoke run")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="shared machine: wait for it to be idle before each side, rerun sides disturbed by others")
+    p.add_argument("--lockstep", action="store_true",
+                   help="run the sides at once, taking turns update by update (see common.lockstep), "
+                        "`--repeats` times; the per-update ratios then compare the same batch seconds apart")
     p.add_argument("--side", choices=SIDES)
     args = p.parse_args()
     if args.side:
@@ -153,11 +168,17 @@ def main():
         args.model = tiny_bert(Path(tempfile.gettempdir()) / "scaletune_bench_tiny_bert")
         args.steps, args.batch, args.seq, args.warmup, args.repeats = 6, 8, 64, 1, 1
     load_before = other_load()
-    results = alternate(__file__, list(SIDES), args.repeats,
-                        ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-                         "--model", args.model, "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else []),
-                        in_process=(lambda name: one_side(args, name)) if args.tiny else None,
-                        wait_quiet=args.wait_quiet)
+    side_args = (["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+                  "--model", args.model, "--threads", str(args.threads)] + (["--bf16"] if args.bf16 else []))
+    if args.lockstep:
+        results = {side: [] for side in SIDES}
+        for _ in range(args.repeats):
+            for side, result in lockstep(__file__, list(SIDES), side_args, args.steps).items():
+                results[side].append(result)
+    else:
+        results = alternate(__file__, list(SIDES), args.repeats, side_args,
+                            in_process=(lambda name: one_side(args, name)) if args.tiny else None,
+                            wait_quiet=args.wait_quiet)
     same = all(r["batches"] == results["bare"][0]["batches"] for runs in results.values() for r in runs)
     print(f"machine: {machine()}")
     print(f"load before: {load_before}")
@@ -189,6 +210,12 @@ def main():
         pairs = paired_ratios(results, "scaletune", other, side_median)
         print(f"per-repeat ratios scaletune/{other}: {', '.join(f'{x:.3f}' for x in pairs)} "
               f"(median {median(pairs):.3f})")
+    if args.lockstep:
+        for other in ("trainer", "bare"):
+            per_update = [a / b for x, y in zip(results["scaletune"], results[other])
+                          for a, b in zip(x["times"][args.warmup:], y["times"][args.warmup:])]
+            print(f"per-update ratios scaletune/{other} (the same batch, seconds apart): median "
+                  f"{median(per_update):.3f}, quartiles {quartiles(per_update)}")
     print(f"CPU-time ratios (robust to other load): scaletune/trainer {cpu['scaletune'] / cpu['trainer']:.3f}, "
           f"scaletune/bare {cpu['scaletune'] / cpu['bare']:.3f}")
 

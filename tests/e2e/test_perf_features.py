@@ -1,11 +1,13 @@
 """Issue #14's features in real runs: an exact resume inside a length-grouped epoch, disjoint length-grouped
-batches on 2 DDP processes, and masked-LM runs whose sparse-logits head trains, evaluates and exports like the
-full-logits path."""
+batches on 2 DDP processes, masked-LM runs whose sparse-logits head trains, evaluates and exports like the
+full-logits path, and the process set-up (no DeepSpeed import unless asked, huge pages for large CPU tensors)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -137,3 +139,46 @@ def test_a_run_without_deepspeed_never_imports_it(tiny_bert, sentiment_files, tm
     assert "deepspeed imported: False" in proc.stdout, proc.stdout[-2000:]
     assert "Setting accelerator to CPU" not in proc.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def _thp_available() -> bool:
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_available(), reason="the kernel has transparent huge pages off (or is not Linux)")
+@pytest.mark.parametrize("user_setting", [None, "0"])
+def test_large_cpu_tensors_go_on_huge_pages_unless_the_user_says(user_setting):
+    """A run started before torch is imported (as `python -m scaletune.train` is) puts CPU tensors of 2 MB and
+    more on transparent huge pages: a fresh 47 MB tensor (MiniLM's word-embedding gradient, made anew every
+    update) then costs a few hundred page faults instead of one per 4 KB (11,444). THP_MEM_ALLOC_ENABLE=0 in the
+    environment is the user's choice and kept."""
+    code = textwrap.dedent("""
+        import resource
+        from scaletune.config import ConfigError
+        from scaletune.train import run
+        try:
+            run(["--no_such_key", "1"])  # refused before torch is imported: only the process set-up has happened
+        except ConfigError:
+            pass
+        import torch
+        grad = torch.zeros(30522, 384)  # warm the allocator's own bookkeeping
+        del grad
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        grad = torch.zeros(30522, 384)
+        grad.add_(1.0)
+        print("faults:", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_setting
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    faults = int(proc.stdout.split("faults:")[1])
+    pages_of_4k = 30522 * 384 * 4 // 4096
+    if user_setting is None:
+        assert faults < pages_of_4k / 10, faults
+    else:
+        assert faults >= pages_of_4k * 0.9, faults
