@@ -1,6 +1,7 @@
 """Time per optimizer update: a bare Accelerate loop (the floor), transformers.Trainer, and scaletune.
 
     python benchmarks/step_time_vs_trainer.py [--steps 40] [--batch 16] [--seq 128] [--repeats 3] [--bf16]
+    python benchmarks/step_time_vs_trainer.py --lockstep --steps 30 --repeats 6   # turns, update by update
     python benchmarks/step_time_vs_trainer.py --tiny          # seconds: a 2-layer BERT, CI's smoke run
 
 Same model (the packaged pretrained MiniLM-L6), same data (packaged Rotten Tomatoes, tokenized once by
@@ -17,6 +18,12 @@ Each side runs in its own process, alternating (bare, trainer, scaletune, bare, 
 by the one clock of benchmarks/common.py; the first `--warmup` updates of each process are dropped. Prints
 median ms/update, samples/s and (non-padding) tokens/s per side and the two ratios scaletune/Trainer and
 scaletune/bare (< 1: scaletune is faster).
+
+`--lockstep` starts the three sides of a repeat at once and lets them take turns, one update each, so only one
+computes at a time and update k of every side (the same batch) runs seconds apart: this machine's drift
+(a process's 10-update median moves between 485 and 615 ms within a minute) then hits all sides alike. It
+also prints the per-update ratios. The scaletune side starts as `python -m scaletune.train` does (its process
+settings before torch is imported); the others as their users would write them.
 """
 
 from __future__ import annotations

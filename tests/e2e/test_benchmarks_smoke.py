@@ -17,6 +17,12 @@ SCRIPTS = {
     "step_time_vs_trainer": ([sys.executable, str(BENCH / "step_time_vs_trainer.py"), "--tiny"],
                              [rf"ratio scaletune/trainer: {NUMBER}", rf"ratio scaletune/bare: {NUMBER}",
                               "same batches on every side: True"]),
+    # All three sides at once, taking turns update by update (common.lockstep): each in its own process.
+    "step_time_vs_trainer --lockstep": (
+        [sys.executable, str(BENCH / "step_time_vs_trainer.py"), "--tiny", "--lockstep"],
+        [rf"per-update ratios scaletune/trainer \(the same batch, seconds apart\): median {NUMBER}",
+         rf"per-update ratios scaletune/bare \(the same batch, seconds apart\): median {NUMBER}",
+         "same batches on every side: True"]),
     "group_by_length": ([sys.executable, str(BENCH / "group_by_length.py"), "--tiny"],
                         [rf"ratio group_by_length/random samples/s: {NUMBER}",
                          rf"eval accuracy difference group_by_length - random: [+-]{NUMBER}"]),
@@ -49,4 +55,5 @@ def test_benchmark_runs_at_tiny_size_and_prints_its_ratios(name, tmp_path):
 def test_every_benchmark_script_has_a_smoke_run():
     # gpu_suite.py runs through gpu_suite.sh; common.py is the scripts' shared helper.
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"common"}
-    assert scripts == set(SCRIPTS), f"add a --tiny smoke run for: {sorted(scripts - set(SCRIPTS))}"
+    covered = {name.split()[0] for name in SCRIPTS}  # a script's name, then the options of that run
+    assert scripts == covered, f"add a --tiny smoke run for: {sorted(scripts - covered)}"
