@@ -217,16 +217,23 @@ def lockstep(script: str, sides: list[str], args: list[str], updates: int, timeo
             pipes[side] = (go_write, done_read)
         deadline = time.monotonic() + timeout
 
+        def failed(side: str) -> SystemExit:
+            procs[side].wait()
+            out, err = (_read_back(f) for f in logs[side])
+            return SystemExit(f"side {side} failed ({procs[side].returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+
         def wait_for(side: str) -> bytes:
             message = os.read(pipes[side][1], 1)  # b"" when the side died
             if not message or time.monotonic() > deadline:
-                procs[side].wait()
-                out, err = (f.seek(0) or f.read() for f in logs[side])
-                raise SystemExit(f"side {side} failed ({procs[side].returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+                raise failed(side)
             return message
 
-        finished = {side for side in sides if wait_for(side) == b"e"}  # everyone's first update (untimed)
-        active = [side for side in sides if side not in finished]
+        active = []
+        for side in sides:  # everyone's first update (untimed)
+            if wait_for(side) == b"e":  # its only one: it finishes alone before any turn
+                procs[side].wait(timeout=max(1, deadline - time.monotonic()))
+            else:
+                active.append(side)
         while active:
             for side in list(active):
                 os.write(pipes[side][0], b"g")
@@ -235,16 +242,19 @@ def lockstep(script: str, sides: list[str], args: list[str], updates: int, timeo
                     active.remove(side)
         results = {}
         for side in sides:
-            procs[side].wait(timeout=max(1, deadline - time.monotonic()))
-            out, err = (f.seek(0) or f.read() for f in logs[side])
-            if procs[side].returncode != 0:
-                raise SystemExit(f"side {side} failed ({procs[side].returncode}):\n{out[-3000:]}\n{err[-6000:]}")
-            results[side] = json.loads(out.strip().splitlines()[-1])
+            if procs[side].wait(timeout=max(1, deadline - time.monotonic())) != 0:
+                raise failed(side)
+            results[side] = json.loads(_read_back(logs[side][0]).strip().splitlines()[-1])
             for fd in pipes[side]:
                 os.close(fd)
             for f in logs[side]:
                 f.close()
     return results
+
+
+def _read_back(log) -> str:
+    log.seek(0)
+    return log.read()
 
 
 def quiet_summary(results: dict[str, list[dict]]) -> str:

@@ -179,6 +179,6 @@ def test_large_cpu_tensors_go_on_huge_pages_unless_the_user_says(user_setting):
     faults = int(proc.stdout.split("faults:")[1])
     pages_of_4k = 30522 * 384 * 4 // 4096
     if user_setting is None:
-        assert faults < pages_of_4k / 10, faults
+        assert faults < pages_of_4k / 4, faults  # a huge page that could not be had falls back to 4 KB ones
     else:
         assert faults >= pages_of_4k * 0.9, faults
