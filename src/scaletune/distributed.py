@@ -287,7 +287,7 @@ def _hold_world_group() -> None:
     Otherwise DDP's Reducer holds the last reference when the run's locals go, and it destroys the gloo group
     while holding the GIL. The group's destructor joins its worker threads. If one of those threads is still
     freeing a finished collective's tensors, it waits for the GIL, and the rank hangs at exit (pytorch#56297;
-    3 of 12 two-process drop-in runs without DeepSpeed's slow import on the way out, 0 of 20 with this handle).
+    3 of 12 two-process drop-in runs without DeepSpeed's slow import on the way out, 0 of 35 with this handle).
     The handle's own destructor releases the GIL."""
     import torch.distributed as dist
 
