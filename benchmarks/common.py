@@ -152,9 +152,7 @@ def run_side(script: str, side: str, args: list[str], timeout: int = 3600) -> di
     ticks, children, start = _cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     proc = subprocess.run([sys.executable, script, "--side", side, *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"side {side} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _side_result(side, proc.returncode, proc.stdout, proc.stderr)
     after, done = _cpu_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
     if ticks is not None and after is not None:
         hz = os.sysconf("SC_CLK_TCK")
@@ -217,15 +215,19 @@ def lockstep(script: str, sides: list[str], args: list[str], updates: int, timeo
             pipes[side] = (go_write, done_read)
         deadline = time.monotonic() + timeout
 
-        def failed(side: str) -> SystemExit:
-            procs[side].wait()
-            out, err = (_read_back(f) for f in logs[side])
-            return SystemExit(f"side {side} failed ({procs[side].returncode}):\n{out[-3000:]}\n{err[-6000:]}")
+        def ended(side: str) -> dict:
+            """The side's JSON result once it has exited (SystemExit with its output if it failed)."""
+            returncode = procs[side].wait(timeout=max(1, deadline - time.monotonic()))
+            return _side_result(side, returncode, *(_read_back(f) for f in logs[side]))
 
         def wait_for(side: str) -> bytes:
-            message = os.read(pipes[side][1], 1)  # b"" when the side died
-            if not message or time.monotonic() > deadline:
-                raise failed(side)
+            message = os.read(pipes[side][1], 1)
+            if not message:  # the side exited
+                ended(side)  # raises with the side's output if it failed
+                raise SystemExit(f"side {side} exited before its last update")
+            if time.monotonic() > deadline:
+                procs[side].kill()
+                raise SystemExit(f"side {side} went past the {timeout} s bound")
             return message
 
         active = []
@@ -242,14 +244,19 @@ def lockstep(script: str, sides: list[str], args: list[str], updates: int, timeo
                     active.remove(side)
         results = {}
         for side in sides:
-            if procs[side].wait(timeout=max(1, deadline - time.monotonic())) != 0:
-                raise failed(side)
-            results[side] = json.loads(_read_back(logs[side][0]).strip().splitlines()[-1])
+            results[side] = ended(side)
             for fd in pipes[side]:
                 os.close(fd)
             for f in logs[side]:
                 f.close()
     return results
+
+
+def _side_result(side: str, returncode: int, stdout: str, stderr: str) -> dict:
+    """A side's last stdout line, as JSON; a failed side ends the benchmark with the tail of its output."""
+    if returncode != 0:
+        raise SystemExit(f"side {side} failed ({returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _read_back(log) -> str:
