@@ -471,3 +471,27 @@ def all_agree(accelerator: Accelerator, flag: bool) -> bool:
     # Host-device sync point: one scalar all-reduce.
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def clip_gradients(accelerator: Accelerator, parameters, max_norm: float):
+    """`accelerator.clip_grad_norm_` (returns the norm before clipping), less a pass over every gradient.
+
+    torch multiplies every gradient by the clipping coefficient even when it is clamped to 1 -- a no-op that
+    reads and writes all gradients (5 ms of a 440 ms MiniLM update on CPU) -- because testing the coefficient
+    would make a GPU wait for the host. Where the gradients are plain host tensors (one process or DDP on CPU:
+    not DeepSpeed, FSDP or a GPU) testing is free, so the multiplication is done only when it changes
+    something. The coefficient is torch's own expression, so skipping it is exactly skipping a `mul_(1.0)`.
+    Under DDP the gradients, hence the norm and the decision, are the same on every rank."""
+    from accelerate.utils import DistributedType
+
+    if (accelerator.device.type != "cpu"
+            or accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU)):
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    import torch
+
+    accelerator.unscale_gradients()
+    parameters = [p for p in parameters if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if (max_norm / (total_norm + 1e-6)).item() < 1.0:  # host tensor: no device sync
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Protocol, runtime_checkabl
 
 import torch
 
-from .distributed import all_agree, is_deepspeed
+from .distributed import all_agree, clip_gradients, is_deepspeed
 from .errors import DataError
 from .evaluation import model_inputs
 from .losses import ItemLoss
@@ -192,8 +192,8 @@ class Stepper:
                 acc.backward(loss_sum * scale)
             step_loss += loss_sum.detach() / global_items
         # The norm before clipping; with clipping off it is still measured and logged, as Trainer does.
-        grad_norm = acc.clip_grad_norm_(model.parameters(),
-                                        self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
+        grad_norm = clip_gradients(acc, model.parameters(),
+                                   self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate this update uses (Trainer logs it so)
         finite = not self.check_finite or self._all_finite(step_loss, grad_norm)
         if finite:
