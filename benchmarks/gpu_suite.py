@@ -9,9 +9,12 @@ speed does not depend on them), sequence classification on BBC News (packaged; 5
 `--warmup`, timed by the one clock of benchmarks/common.py. Rows:
 
 1. bare / trainer / scaletune  x  seq 128 (batch 64) and 512 (batch 16)  x  bf16 and fp16;
-2. scaletune at seq 512 bf16 with: torch_compile, padding_free, train_sampling_strategy=group_by_length,
-   DeepSpeed ZeRO-2 on one GPU (through `accelerate launch`);
-3. the stall of one checkpoint save (the update gap that holds the save, minus the median gap).
+2. scaletune at seq 512 bf16 with: torch_compile, train_sampling_strategy=group_by_length, DeepSpeed ZeRO-2 on
+   one GPU (through `accelerate launch`);
+3. the stall of one checkpoint save (the update gap that holds the save, minus the median gap);
+4. padding-free batches, which are for causal LMs (BERT's bidirectional mask cannot keep packed examples apart):
+   benchmarks/padding_free.py, SmolLM2-135M on one review per example, padded vs padding_free, bf16, with
+   flash_attention_2 when the `flash-attn` package is installed (else sdpa); its lines follow the table.
 
 tokens/s counts non-padding tokens; MFU = model FLOPs (6N + 12·L·d·T per token, scaletune/throughput.py)
 x tokens/s / the device's dense bf16 peak. A case that fails is a row with its error; the suite stops
@@ -204,7 +207,6 @@ def cases(args) -> list[Case]:
                 out.append(Case(side, seq, batch, precision))
     if not args.cpu:
         out.append(Case("scaletune", **base, options={"torch_compile": True}, label="scaletune torch_compile"))
-    out.append(Case("scaletune", **base, options={"padding_free": True}, label="scaletune padding_free"))
     out.append(Case("scaletune", **base, options={"train_sampling_strategy": "group_by_length"},
                     label="scaletune group_by_length"))
     if not args.cpu:
@@ -233,6 +235,21 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(c, r.get(c)) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def padding_free_lines(args) -> str:
+    """benchmarks/padding_free.py's summary (row 4), run in its own processes after the table."""
+    cmd = [sys.executable, str(Path(__file__).with_name("padding_free.py"))]
+    cmd += ["--tiny"] if args.tiny else ["--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", "1",
+                                         "--batch", "32", "--seq", "512"]
+    if not args.cpu:
+        cmd.append("--bf16")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=max(args.budget, 300))
+    if proc.returncode != 0:
+        return f"padding_free: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}"
+    keep = ("job:", "  padded", "  padding_free", "ratio", "CPU-time", "largest", "attention:")
+    return "padding_free (benchmarks/padding_free.py):\n" + "\n".join(
+        line for line in proc.stdout.splitlines() if line.startswith(keep))
 
 
 def main():
@@ -300,8 +317,9 @@ def main():
             if s and t and b and all("ms/update" in x for x in (s, t, b)):
                 ratios.append(f"seq {seq} {precision}: ratio scaletune/trainer {s['ms/update'] / t['ms/update']:.3f}, "
                               f"ratio scaletune/bare {s['ms/update'] / b['ms/update']:.3f}")
+    padding_free = padding_free_lines(args)
     text = "\n".join(header + [f"load after: {other_load()}", f"total {time.monotonic() - started:.0f} s", "",
-                               table(rows), ""] + ratios) + "\n"
+                               table(rows), ""] + ratios + ["", padding_free]) + "\n"
     Path(args.out).write_text(text)
     print(text)
 

@@ -175,7 +175,7 @@ def user_prepared_data(task, tokenizer, cfg, main_process_first, train_dataset, 
 def default_collator(tokenizer, task, cfg, training: bool):
     """As Trainer: the task's padding collator when a tokenizer is known, else `default_data_collator`
     (tensors already padded to one length, as the tutorial's Dataset returns them)."""
-    if tokenizer is not None:
+    if tokenizer is not None or (training and cfg.data.padding_free):  # flattening needs no tokenizer
         return task.collator(tokenizer, cfg, training)
     from transformers import default_data_collator
 

@@ -143,6 +143,14 @@ class Update:
     """Non-padding input tokens of this rank's window (on device: counting costs no sync)."""
 
 
+def examples_in(batch: dict):
+    """Examples in a collated batch: its rows, or for a padding-free one (one row of examples end to end:
+    position ids, no attention mask) the positions where an example starts, counted on the device."""
+    if "position_ids" in batch and "attention_mask" not in batch:
+        return (batch["position_ids"] == 0).sum()
+    return batch["labels"].shape[0]
+
+
 class Stepper:
     """One optimizer update per accumulation window."""
 
@@ -186,7 +194,7 @@ class Stepper:
                 batch_tokens = (batch["attention_mask"].sum() if "attention_mask" in batch
                                 else torch.tensor(batch["input_ids"].numel(), device=acc.device))
                 tokens += batch_tokens
-                self.meter.add_batch(batch["labels"].shape[0], batch_tokens)
+                self.meter.add_batch(examples_in(batch), batch_tokens)
                 outputs = model(**model_inputs(batch))
                 loss_sum = self.loss.batch_sum(outputs, batch["labels"], global_items)
                 acc.backward(loss_sum * scale)

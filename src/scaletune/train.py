@@ -126,6 +126,9 @@ def run(args: ConfigSource = None, *, model=None, processing_class=None, train_d
     if args is None and (user.brings_data or model is not None):
         args = {}  # the user's own objects: start from the defaults, not the demo recipe
     cfg = load_config(args, {**dropin.config_from_callbacks(callbacks), **(overrides or {})})
+    if cfg.data.padding_free and data_collator is not None:
+        raise ConfigError("padding_free=true flattens each batch with scaletune's collator, but run() was given a "
+                          "data_collator, which would be used instead: pass one or the other.")
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if restart and cfg.training.resume_from_checkpoint is None:
         # `./launch --max_restarts N`: the elastic agent restarted the workers after a crash.
@@ -193,8 +196,12 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     if resume_path is not None:
         check_resume_compatible(resume_path, effective_config(cfg), accelerator.num_processes)
     set_seed(t.seed)  # the head's init does not depend on how much randomness data loading used
-    model = configure_model(user.model if user.model is not None else task.build_model(cfg, prepared, tokenizer),
-                            t)  # gradient checkpointing
+    model = user.model if user.model is not None else task.build_model(cfg, prepared, tokenizer)
+    if d.padding_free:  # before training: a model that would attend across the packed examples is refused
+        from .tasks.clm import check_packed_attention
+
+        check_packed_attention(model)
+    model = configure_model(model, t)  # gradient checkpointing
     if cfg.peft.use_peft:  # LoRA adapters on the frozen pretrained model
         # The adapters' random init then depends on the seed only: loading under ZeRO-3 (zero.Init) draws
         # from the generator differently than a plain load, and every backend must start from the same adapter.

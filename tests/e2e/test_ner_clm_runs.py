@@ -204,3 +204,68 @@ def test_conll_suffix_trains(work, tmp_path):
     r = run({**QUIET, "task": "token_classification", "model_name_or_path": work["bert"], **files, "max_steps": 2,
              "save_strategy": "no", "output_dir": str(tmp_path / "out")})
     assert "eval_f1" in r.metrics and read_conll(r.predictions_file)[0] == read_conll(files["test_file"])[0]
+
+
+# --------------------------------------------------------------------------- padding-free batches
+
+
+def padding_free_args(work, out, batch: int, padding_free: bool) -> list[str]:
+    files = work["text"]
+    return ["--task", "clm", "--model_name_or_path", work["llama"], "--train_file", files["train_file"],
+            "--validation_file", files["validation_file"], "--test_file", files["test_file"], "--line_by_line",
+            "true", "--max_seq_length", "48", "--per_device_train_batch_size", str(batch), "--learning_rate",
+            "1e-2", "--logging_steps", "1", "--max_steps", "4", "--save_strategy", "no", "--eval_strategy", "no",
+            "--do_predict", "false", "--sample_prompts", "0", "--disable_tqdm", "true", "--report_to", "none",
+            "--padding_free", str(padding_free).lower(), "--output_dir", str(out)]
+
+
+def step_values(log: list, key: str) -> dict:
+    return {e["step"]: e[key] for e in log if key in e and "train_loss" not in e}
+
+
+def tokens_per_example(log: list) -> list:
+    """tokens/s over samples/s: an interval's real tokens per example, whatever its timing."""
+    return [e["tokens_per_second"] / e["samples_per_second"] for e in log if "samples_per_second" in e]
+
+
+def test_padding_free_trains_exactly_like_padded_batches(work):
+    """`line_by_line` reviews of different lengths, 8 per update: flattened into one row (position ids restarting,
+    no padding) they give the padded run's per-step loss and gradient norm and the same model after 4 updates,
+    in one process and split over 2 DDP processes (4 each: the loss is still normalised over all ranks' tokens).
+    The throughput counts the same examples and real tokens (a row is 8 examples, not 1)."""
+    padded = run(padding_free_args(work, work["root"] / "clm_padded", 8, False))
+    flat = run(padding_free_args(work, work["root"] / "clm_flat", 8, True))
+    accelerate_launch(2, padding_free_args(work, work["root"] / "clm_flat_ddp", 4, True))
+    flat_ddp = history(work["root"] / "clm_flat_ddp")
+    for key in ("loss", "grad_norm"):
+        want = step_values(padded.log_history, key)
+        assert sorted(want) == [1, 2, 3, 4]
+        for got in (step_values(flat.log_history, key), step_values(flat_ddp, key)):
+            assert sorted(got) == sorted(want)
+            for step in want:
+                assert got[step] == pytest.approx(want[step], rel=1e-4), (key, step)
+    assert flat.metrics["eval_loss"] == pytest.approx(padded.metrics["eval_loss"], rel=1e-4)
+    assert results(work["root"] / "clm_flat_ddp")["eval_loss"] == pytest.approx(padded.metrics["eval_loss"], rel=1e-4)
+    want = tokens_per_example(padded.log_history)
+    assert len(want) == 4
+    assert tokens_per_example(flat.log_history) == pytest.approx(want, rel=1e-9)
+    assert tokens_per_example(flat_ddp) == pytest.approx(want, rel=1e-9)
+
+
+def test_padding_free_refuses_a_model_that_would_attend_across_examples(work, tmp_path):
+    """BLOOM's ALiBi attention takes no position ids: packed examples would see each other. Refused with one line
+    naming the model, its attention and the fix, before any update."""
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+
+    from scaletune.config import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(work["llama"])
+    BloomForCausalLM(BloomConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layer=2, n_head=4)).save_pretrained(
+        tmp_path / "bloom")
+    tok.save_pretrained(tmp_path / "bloom")
+    with pytest.raises(ConfigError, match=r"padding_free=true: bloom with \w+ attention attends across the examples "
+                                          r".*set padding_free=false"):
+        run({**QUIET, "task": "clm", "model_name_or_path": str(tmp_path / "bloom"), **work["text"],
+             "line_by_line": True, "max_seq_length": 48, "padding_free": True, "max_steps": 2,
+             "output_dir": str(tmp_path / "out")})
+    assert not list((tmp_path / "out").glob("checkpoint-*"))

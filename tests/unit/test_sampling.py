@@ -140,8 +140,21 @@ def test_config_choices_and_conflicts():
     with pytest.raises(ConfigError, match="group_by_length needs every example's length"):
         load_config({"task": "mlm", "train_file": "x.txt", "streaming": True, "max_steps": 5,
                      "train_sampling_strategy": "group_by_length"})
-    with pytest.raises(ConfigError, match="padding_free=true needs varlen attention .*flash_attention_2"):
-        load_config({"train_file": "x.csv", "padding_free": True})
+    for task in ("classification", "token_classification", "mlm"):
+        with pytest.raises(ConfigError, match=f"padding_free=true is for task clm; task {task}'s .*group_by_length"):
+            load_config({"task": task, "train_file": "x.txt", "padding_free": True})
+    assert load_config({"task": "clm", "train_file": "x.txt", "padding_free": True}).data.padding_free
+    with pytest.raises(ConfigError, match="attn_implementation=flash must be one of sdpa, .*flash_attention_2"):
+        load_config({"train_file": "x.csv", "attn_implementation": "flash"})
+
+
+def test_padding_free_with_the_users_own_collator_is_refused_before_any_work(tmp_path):
+    from scaletune.train import run
+
+    with pytest.raises(ConfigError, match="padding_free=true flattens .* data_collator"):
+        run({"task": "clm", "train_file": "x.txt", "padding_free": True, "output_dir": str(tmp_path / "out")},
+            data_collator=lambda rows: rows)
+    assert not (tmp_path / "out").exists()
 
 
 def test_recipes_group_by_length_where_lengths_vary():

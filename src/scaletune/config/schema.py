@@ -40,6 +40,9 @@ from .training import (  # noqa: F401  (re-exported: the schema is every group)
 # read them with typing.get_args. A new task is one more word in TaskName (plus its module in tasks/).
 TaskName = Literal["classification", "regression", "multilabel", "mlm", "token_classification", "clm"]
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
 @dataclass
 class ModelArguments:
     """Which pretrained model and tokenizer to fine-tune."""
@@ -61,9 +64,17 @@ class ModelArguments:
     """Allow model code from the hub to run."""
     ignore_mismatched_sizes: bool = False
     """Re-initialise head weights whose shape differs from the checkpoint (e.g. another label count)."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel the model is loaded with (transformers' `attn_implementation`): `sdpa`, `eager`,
+    `flex_attention`, `flash_attention_2`, `flash_attention_3` (CUDA, the `flash-attn` package) or a hub kernel
+    (`kernels-community/...`); unset: transformers' default for the model (`sdpa` where supported)."""
 
     def __post_init__(self):
         check_types(self)
+        _require(self, "attn_implementation",
+                 self.attn_implementation is None or self.attn_implementation in ATTENTION_IMPLEMENTATIONS
+                 or "/" in self.attn_implementation,
+                 f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)} or a hub kernel (`org/name`), or unset")
 
 
 @dataclass
@@ -140,18 +151,16 @@ class DataArguments:
     sample_max_new_tokens: int = 40
     """Causal LM: tokens sampled per continuation (>= 1)."""
     padding_free: bool = False
-    """Concatenate each batch into one row without padding (position ids restart per example). Needs varlen
-    attention (`flash_attention_2` / `flash_attention_3`, CUDA); the BERT-family models scaletune loads run
-    `sdpa` or `eager`, which would attend across examples, so `true` is refused: use
-    `train_sampling_strategy: group_by_length` to cut padding instead."""
+    """Causal LM: put each training batch's examples end to end in one row, with no padding (transformers'
+    `DataCollatorWithFlattening`: position ids restart per example, no token predicts across a boundary). Saves
+    the padding of `line_by_line` data. With `attn_implementation: flash_attention_2`/`3` the attention is
+    per example (varlen kernels); with `sdpa`/`eager` the model must build a block mask from the position ids
+    (checked when the model loads: a model that would attend across examples is refused), and then attends
+    over the whole row. Encoders (the other tasks) have no such mask: use `train_sampling_strategy:
+    group_by_length` to cut padding there."""
 
     def __post_init__(self):
         check_types(self)
-        if self.padding_free:
-            raise ConfigError("padding_free=true needs varlen attention (flash_attention_2 or flash_attention_3 on "
-                              "CUDA), but scaletune loads models with sdpa/eager attention, which would attend "
-                              "across the concatenated examples; set padding_free=false and use "
-                              "train_sampling_strategy=group_by_length to cut padding.")
         for name in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_predict_samples",
                      "preprocessing_num_workers", "pad_to_multiple_of"):
             _require(self, name, getattr(self, name) is None or getattr(self, name) >= 1, ">= 1 (or unset)")
@@ -192,6 +201,10 @@ class Config:
         if d.streaming and d.task not in ("mlm", "clm"):
             raise ConfigError(f"streaming=true is for task mlm and clm (text cut into blocks); task {d.task} reads "
                               f"its data up front: set streaming=false.")
+        if d.padding_free and d.task != "clm":
+            raise ConfigError(f"padding_free=true is for task clm; task {d.task}'s models build a bidirectional "
+                              f"attention mask that cannot keep examples in one row apart: set padding_free=false "
+                              f"and use train_sampling_strategy=group_by_length to cut padding.")
         if d.streaming and t.train_sampling_strategy == "group_by_length":
             raise ConfigError("train_sampling_strategy=group_by_length needs every example's length up front, "
                               "which a stream does not have; set streaming=false or train_sampling_strategy=random.")

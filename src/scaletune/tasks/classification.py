@@ -276,7 +276,7 @@ class ClassificationTask(Task):
         model, info = AutoModelForSequenceClassification.from_pretrained(
             model_path(m.model_name_or_path), config=config, cache_dir=m.cache_dir, revision=m.model_revision,
             trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
-            output_loading_info=True,
+            attn_implementation=m.attn_implementation, output_loading_info=True,
         )
         # Parameters the checkpoint did not provide (a new head): a task may initialise them (multilabel does).
         self.new_parameters = {k if isinstance(k, str) else k[0]

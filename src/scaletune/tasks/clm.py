@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..losses import IGNORE_INDEX, ItemLoss
 from .base import PreparedData, Task
 from .text import (_column_names, _empty_split_message, _is_stream, _string_columns, _truncate, find_text_column,
@@ -132,6 +132,76 @@ class PadCollator:
             rows = [list(e[key]) + [value] * (width - len(e[key])) for e in examples]
             batch[key] = torch.tensor(rows, dtype=torch.long)
         return batch
+
+
+class FlatteningCollator:
+    """`padding_free`: the batch's examples end to end in one row, no padding. transformers'
+    `DataCollatorWithFlattening` does the flattening: position ids restart at 0 per example, and each example's
+    first label is -100, so no position is scored on the next example's first token and `ShiftedCrossEntropy`
+    counts exactly the tokens the padded batch counts. It adds `use_cache=False`: with a cache (the default in
+    transformers 5 even in training) the model builds a plain causal mask over the whole row and attends
+    across examples; without one it builds the per-example block mask from the position ids."""
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, examples: list[Mapping]) -> dict:
+        batch = self.flatten([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        batch["use_cache"] = False
+        return batch
+
+
+PACKING_TOLERANCE = 1e-4
+"""Largest |logit difference| allowed, relative to the largest |logit|, between one example packed after two
+different examples of the same length. Attention kept per example leaves it unchanged (the same kernels on the
+same shapes: 0 in fp32 and bf16 alike); a model that attends across examples changes it far more (0.3-0.4% for
+a 2-layer random BLOOM, whose ALiBi bias fades with distance)."""
+
+
+def check_packed_attention(model) -> None:
+    """Refuse `padding_free` for a model whose attention would mix the examples of a flattened row: pack one
+    short example after another, as FlatteningCollator does, then after a different one of the same length, and
+    compare its logits. (Comparing with the example alone would also compare two kernels, whose bf16 rounding
+    differs by up to 25% of a logit.) flash_attention_2/3 are trusted: their varlen kernels take the example
+    boundaries from the position ids."""
+    import torch
+
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl.startswith("flash_attention"):
+        return
+    name = f"{model.config.model_type} with {impl} attention"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ConfigError(f"padding_free=true: the weights of {name} are partitioned by ZeRO-3 when loaded, so "
+                          f"scaletune cannot check that it keeps packed examples apart; set attn_implementation="
+                          f"flash_attention_2 (varlen), or padding_free=false.")
+    vocab = model.get_input_embeddings().num_embeddings
+    flatten = FlatteningCollator()
+    example = [i % vocab for i in range(23, 27)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout: the two forwards must differ only if attention crosses examples
+    logits = []
+    try:
+        with torch.no_grad():
+            for before in (range(11, 16), range(31, 36)):
+                before = [i % vocab for i in before]
+                row = flatten([{"input_ids": before, "labels": before}, {"input_ids": example, "labels": example}])
+                out = model(input_ids=row["input_ids"].to(device), position_ids=row["position_ids"].to(device),
+                            use_cache=False)
+                logits.append(out.logits[0, len(before):].float())
+    except (TypeError, ValueError) as e:  # e.g. a forward that takes no position_ids
+        raise ConfigError(f"padding_free=true: {name} cannot run a flattened batch ({e}); set padding_free=false "
+                          f"or attn_implementation=flash_attention_2.") from e
+    finally:
+        model.train(was_training)
+    # Host-device sync point: once, at load.
+    mixed = float((logits[0] - logits[1]).abs().max() / logits[1].abs().max().clamp(min=1e-12))
+    if mixed > PACKING_TOLERANCE:
+        raise ConfigError(f"padding_free=true: {name} attends across the examples packed in one row (an example's "
+                          f"logits change by {mixed:.2%} with the example before it); set padding_free=false, or "
+                          f"attn_implementation=flash_attention_2 on a GPU.")
 
 
 # --------------------------------------------------------------------------- the task
@@ -275,13 +345,15 @@ class CausalLMTask(Task):
         m = cfg.model
         config = model_config(cfg)
         if m.model_name_or_path is None:
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code,
+                                                     attn_implementation=m.attn_implementation)
             logger.warning("Training a causal LM from scratch (%s, %.1fM parameters, random init).",
                            config.model_type, sum(p.numel() for p in model.parameters()) / 1e6)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 model_path(m.model_name_or_path), config=config, cache_dir=m.cache_dir, revision=m.model_revision,
                 trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
+                attn_implementation=m.attn_implementation,
             )
         resize_token_embeddings(model, len(tokenizer))
         return model
@@ -290,6 +362,9 @@ class CausalLMTask(Task):
         return ShiftedCrossEntropy(label_smoothing=cfg.training.label_smoothing_factor)
 
     def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
+        # Evaluation stays padded: its per-example outputs (predictions, samples) need one row per example.
+        if for_training and cfg.data.padding_free:
+            return FlatteningCollator()
         return PadCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
 
     # ----------------------------------------------------------------- metrics and outputs

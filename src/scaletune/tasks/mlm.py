@@ -279,7 +279,8 @@ class MaskedLMTask(Task):
         model, loading = AutoModelForMaskedLM.from_pretrained(
             model_path(m.model_name_or_path), config=_model_config(cfg), cache_dir=m.cache_dir,
             revision=m.model_revision, trust_remote_code=m.trust_remote_code,
-            ignore_mismatched_sizes=m.ignore_mismatched_sizes, output_loading_info=True,
+            ignore_mismatched_sizes=m.ignore_mismatched_sizes, attn_implementation=m.attn_implementation,
+            output_loading_info=True,
         )
         new_head = untrained_head_weights(loading.get("missing_keys", ()), model.base_model_prefix)
         if new_head:

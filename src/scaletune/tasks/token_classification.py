@@ -233,6 +233,7 @@ class TokenClassificationTask(Task):
         return AutoModelForTokenClassification.from_pretrained(
             model_path(m.model_name_or_path), config=config, cache_dir=m.cache_dir, revision=m.model_revision,
             trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
+            attn_implementation=m.attn_implementation,
         )
 
     def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
