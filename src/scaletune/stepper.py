@@ -145,9 +145,11 @@ class Update:
 
 def examples_in(batch: dict):
     """Examples in a collated batch: its rows, or for a padding-free one (one row of examples end to end:
-    position ids, no attention mask) the positions where an example starts, counted on the device."""
+    position ids, no attention mask) the positions where an example starts -- where the position id is the
+    row's first, whatever a model numbers from -- counted on the device."""
     if "position_ids" in batch and "attention_mask" not in batch:
-        return (batch["position_ids"] == 0).sum()
+        positions = batch["position_ids"]
+        return (positions == positions[:, :1]).sum()
     return batch["labels"].shape[0]
 
 

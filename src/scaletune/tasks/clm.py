@@ -266,6 +266,11 @@ class CausalLMTask(Task):
         text_column = find_text_column(_column_names(first), d.text_column_name, _string_columns(first))
         block_size = resolve_max_seq_length(d.max_seq_length, tokenizer.model_max_length,
                                             getattr(model_config(cfg), "max_position_embeddings", None))
+        if d.padding_free and not d.line_by_line:
+            logger.warning("padding_free=true with grouped blocks (line_by_line=false): every block holds %d tokens, "
+                           "so there is no padding to save, and under sdpa/eager attention the attention spans the "
+                           "whole flattened batch, which is slower. Set line_by_line=true, or padding_free=false.",
+                           block_size)
         self._tokenizer = tokenizer
         self._sample_settings = (d.sample_prompts, d.sample_max_new_tokens, cfg.training.seed)
         held_out = splits.get("test", splits.get("validation"))
