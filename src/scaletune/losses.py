@@ -56,6 +56,43 @@ class ItemLoss:
         return self.per_sample(outputs.logits, labels)
 
 
+UPCAST_CHUNK_ELEMENTS = 1 << 26
+"""Half-precision logits are upcast to fp32 this many elements (256 MB) at a time."""
+
+
+def row_cross_entropy(scores: torch.Tensor, targets: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """`F.cross_entropy(scores.float(), targets, reduction="none")` for N x V scores (-100 ignored): the loss of
+    each row, in fp32 for the softmax.
+
+    fp32 scores go straight in. Half-precision ones (logits under autocast) are upcast a chunk of rows at a
+    time, and when they need a gradient each chunk runs under activation checkpointing, which keeps only the
+    half-precision input for the backward and upcasts again there: so no fp32 copy of all N x V logits exists,
+    neither for the forward's peak nor saved for the backward (the log-softmax output autograd would keep is
+    twice the logits' own size). Rows are independent, so chunking changes no value."""
+    import torch
+    import torch.nn.functional as F
+
+    def rows(chunk, chunk_targets):
+        return F.cross_entropy(chunk.float(), chunk_targets, weight=weight, ignore_index=IGNORE_INDEX,
+                               reduction="none", label_smoothing=label_smoothing)
+
+    if scores.dtype == torch.float32:
+        return rows(scores, targets)
+    step = max(1, UPCAST_CHUNK_ELEMENTS // max(1, scores.shape[-1]))
+    out = []
+    for start in range(0, scores.shape[0], step):
+        chunk, chunk_targets = scores[start:start + step], targets[start:start + step]
+        if chunk.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            # No RNG in a cross-entropy: nothing to stash (reading a GPU generator would wait on the device).
+            out.append(checkpoint(rows, chunk, chunk_targets, use_reentrant=False, preserve_rng_state=False))
+        else:
+            out.append(rows(chunk, chunk_targets))
+    return torch.cat(out)
+
+
 @dataclass(frozen=True)
 class CrossEntropy(ItemLoss):
     """Softmax cross-entropy over classes (B×C logits, B labels) or tokens (B×T×V, B×T); -100 ignored."""
@@ -76,13 +113,9 @@ class CrossEntropy(ItemLoss):
         return weights[labels[counted]].sum()
 
     def per_sample(self, logits, labels):
-        import torch.nn.functional as F
-
         batch = labels.shape[0]
-        # fp32 for the softmax: under autocast the logits may be half precision.
-        flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               weight=self._weights(logits.device), ignore_index=IGNORE_INDEX, reduction="none",
-                               label_smoothing=self.label_smoothing)
+        flat = row_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                 self._weights(logits.device), self.label_smoothing)
         losses = flat.view(batch, -1).sum(dim=1)
         counted = labels.reshape(batch, -1) != IGNORE_INDEX
         if self.class_weights is None:
@@ -179,14 +212,11 @@ class SparseTokenCrossEntropy(ItemLoss):
     def per_sample(self, logits, labels):
         if logits.shape[:2] == labels.shape[:2]:  # full logits: a model without the sparse head
             return CrossEntropy(label_smoothing=self.label_smoothing).per_sample(logits, labels)
-        import torch.nn.functional as F
-
         batch, k = logits.shape[:2]
         # Padding slots of a row (beyond its labelled positions) pick unlabelled columns: target -100.
         targets = labels.gather(1, labelled_first(labels, k))
-        # fp32 for the softmax, as CrossEntropy; here B x K rows are copied, not B x T.
-        flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=self.label_smoothing)
+        flat = row_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 label_smoothing=self.label_smoothing)
         return flat.view(batch, k).sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1).float()
 
 

@@ -252,6 +252,20 @@ def test_padding_free_trains_exactly_like_padded_batches(work):
     assert tokens_per_example(flat_ddp) == pytest.approx(want, rel=1e-9)
 
 
+def test_padding_free_under_zero3_trains_like_padded_batches(work):
+    """ZeRO-3 loads the weights into shards (zero3_init_flag), so the packing check runs on a one-layer copy of the
+    architecture; the 2-process run (4 examples each, flattened) then matches the one-process padded run step by
+    step."""
+    padded_out, zero3_out = work["root"] / "clm_padded_ref", work["root"] / "clm_flat_zero3"
+    padded = run(padding_free_args(work, padded_out, 8, False))
+    run_cli([str(REPO / "launch"), "deepspeed_zero3", "--cpu", "2", *padding_free_args(work, zero3_out, 4, True)],
+            env={"OMP_NUM_THREADS": "1", "PYTHON": __import__("sys").executable}, cwd=work["root"], timeout=600)
+    want, got = step_values(padded.log_history, "loss"), step_values(history(zero3_out), "loss")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+
+
 def test_padding_free_refuses_a_model_that_would_attend_across_examples(work, tmp_path):
     """BLOOM's ALiBi attention takes no position ids: packed examples would see each other. Refused with one line
     naming the model, its attention and the fix, before any update."""

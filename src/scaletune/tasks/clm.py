@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..losses import IGNORE_INDEX, ItemLoss
+from ..losses import IGNORE_INDEX, ItemLoss, row_cross_entropy
 from .base import PreparedData, Task
 from .text import (_column_names, _empty_split_message, _is_stream, _string_columns, _truncate, find_text_column,
                    group_texts, perplexity, resize_token_embeddings, resolve_max_seq_length)
@@ -66,13 +66,13 @@ class ShiftedCrossEntropy(ItemLoss):
     def per_sample(self, logits, labels):
         import torch.nn.functional as F
 
-        batch = labels.shape[0]
-        targets = labels[:, 1:]
-        scores = logits[:, :-1, :]
-        # fp32 for the softmax: under autocast the logits may be half precision.
-        flat = F.cross_entropy(scores.float().reshape(-1, scores.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=self.label_smoothing)
-        return flat.view(batch, -1).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1).float()
+        batch, width = labels.shape
+        # The labels move left, not the logits: logits[:, :-1] is not contiguous, and flattening it would copy
+        # all B x T x V of them. The last position predicts nothing (target -100, loss 0).
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        flat = row_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 label_smoothing=self.label_smoothing)
+        return flat.view(batch, width).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1).float()
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -160,12 +160,27 @@ same shapes: 0 in fp32 and bf16 alike); a model that attends across examples cha
 a 2-layer random BLOOM, whose ALiBi bias fades with distance)."""
 
 
+def _one_layer_copy(model, name: str):
+    """The model's class and config with one layer and fresh weights, built outside ZeRO-3's partitioning."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 1
+    try:
+        return type(model)(config)
+    except Exception as e:  # an architecture whose config cannot shrink that way
+        raise ConfigError(f"padding_free=true: ZeRO-3 partitioned the weights of {name} at load, and a one-layer "
+                          f"copy to check its attention could not be built ({e}); set attn_implementation="
+                          f"flash_attention_2, or padding_free=false.") from e
+
+
 def check_packed_attention(model) -> None:
     """Refuse `padding_free` for a model whose attention would mix the examples of a flattened row: pack one
     short example after another, as FlatteningCollator does, then after a different one of the same length, and
     compare its logits. (Comparing with the example alone would also compare two kernels, whose bf16 rounding
     differs by up to 25% of a logit.) flash_attention_2/3 are trusted: their varlen kernels take the example
-    boundaries from the position ids."""
+    boundaries from the position ids. Weights that ZeRO-3 partitioned at load are checked on a one-layer copy of
+    the architecture."""
     import torch
 
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -173,9 +188,9 @@ def check_packed_attention(model) -> None:
         return
     name = f"{model.config.model_type} with {impl} attention"
     if any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise ConfigError(f"padding_free=true: the weights of {name} are partitioned by ZeRO-3 when loaded, so "
-                          f"scaletune cannot check that it keeps packed examples apart; set attn_implementation="
-                          f"flash_attention_2 (varlen), or padding_free=false.")
+        # ZeRO-3 loaded the weights straight into shards: this model cannot run a forward before `prepare`.
+        # Whether attention keeps packed examples apart is a property of the architecture, not of the weights.
+        model = _one_layer_copy(model, name)
     vocab = model.get_input_embeddings().num_embeddings
     flatten = FlatteningCollator()
     example = [i % vocab for i in range(23, 27)]
