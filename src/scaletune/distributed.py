@@ -473,6 +473,32 @@ def all_agree(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
+ERROR_PRINTED_KEY = "scaletune/error_printed"
+
+
+def wait_for_the_error_line(first: bool, wait_seconds: float = 30.0) -> None:
+    """After a bad-input error that every process found (docs/semantics.md: one line, from the first process).
+
+    The launcher stops all processes as soon as one exits, so a rank that exits first can take the first
+    process down before its line is out (seen in 1 of ~20 two-process refusals). So the first process, once it
+    has printed, says so in the launcher's key-value store (torchrun's agent store, at MASTER_ADDR:MASTER_PORT,
+    there before any process group), and the others wait for that before they exit, for at most
+    `wait_seconds`: an error only one rank saw must still end that rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    import torch.distributed as dist
+
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=wait_seconds))
+        if first:
+            store.set(ERROR_PRINTED_KEY, "1")
+        else:
+            store.wait([ERROR_PRINTED_KEY], timedelta(seconds=wait_seconds))
+    except Exception:  # no store, or the first process never printed: exit anyway
+        pass
+
+
 def clip_gradients(accelerator: Accelerator, parameters, max_norm: float):
     """`accelerator.clip_grad_norm_` (returns the norm before clipping), less a pass over every gradient.
 

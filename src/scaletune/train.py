@@ -365,9 +365,13 @@ def main(argv: Optional[list] = None) -> int:
         result = run(argv)
     except ScaletuneError as e:  # bad input: one line naming the problem and the fix, no traceback
         # Input errors are found identically by every process (or agreed through a collective): one line, from
-        # the first process, not one per rank.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"scaletune: error: {e}", file=sys.stderr)
+        # the first process, not one per rank; the others exit after it is out.
+        from .distributed import wait_for_the_error_line
+
+        first = os.environ.get("RANK", "0") == "0"
+        if first:
+            print(f"scaletune: error: {e}", file=sys.stderr, flush=True)
+        wait_for_the_error_line(first)
         return 2
     return result.exit_code
 

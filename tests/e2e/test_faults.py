@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -509,6 +510,28 @@ def test_resume_of_a_one_process_checkpoint_on_two_processes_is_refused(one_to_t
 def test_a_two_process_refusal_is_printed_once(one_to_two):
     proc, _, _ = one_to_two
     assert sum(line.startswith(ONE_TO_TWO) for line in nonempty_lines(proc.stderr)) == 1, describe(proc)
+
+
+def test_the_other_ranks_wait_for_the_first_to_print_the_error_line(tmp_path):
+    """The launcher stops every process once one exits. Here the first process is 3 s slower than the second to
+    reach its error line (the race that once lost the line of a two-process refusal); the second waits for it
+    through the launcher's store, so the line is printed and both exit 2."""
+    from support.tiny import accelerate_launch
+
+    script = tmp_path / "slow_first.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        from scaletune.distributed import wait_for_the_error_line
+        first = os.environ["RANK"] == "0"
+        if first:
+            time.sleep(3)
+            print("scaletune: error: the first process's line", file=sys.stderr, flush=True)
+        wait_for_the_error_line(first)
+        sys.exit(2)
+    """))
+    proc = accelerate_launch(2, [], script=str(script), check=False, timeout=120)
+    assert "scaletune: error: the first process's line" in proc.stderr, describe(proc)
+    assert "SIGTERM" not in proc.stderr, describe(proc)
 
 
 def test_an_allowed_change_of_learning_rate_and_max_steps_takes_effect_on_resume(one_process_run, tmp_path):
