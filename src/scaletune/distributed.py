@@ -480,7 +480,7 @@ def wait_for_the_error_line(first: bool, wait_seconds: float = 30.0) -> None:
     """After a bad-input error that every process found (docs/semantics.md: one line, from the first process).
 
     The launcher stops all processes as soon as one exits, so a rank that exits first can take the first
-    process down before its line is out (seen in 1 of ~20 two-process refusals). So the first process, once it
+    process down before its line is out (seen once, in a full test run). So the first process, once it
     has printed, says so in the launcher's key-value store (torchrun's agent store, at MASTER_ADDR:MASTER_PORT,
     there before any process group), and the others wait for that before they exit, for at most
     `wait_seconds`: an error only one rank saw must still end that rank."""
