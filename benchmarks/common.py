@@ -264,12 +264,13 @@ def _read_back(log) -> str:
     return log.read()
 
 
-def quiet_summary(results: dict[str, list[dict]]) -> str:
+def conditions(load_before: str, results: dict[str, list[dict]]) -> str:
+    """What every script prints before its figures: the machine, the load before and after the sides, and the
+    CPU share other processes took while the sides ran (`alternate` measures it)."""
     shares = [r["others_cpu"] for runs in results.values() for r in runs if "others_cpu" in r]
-    if not shares:
-        return "other processes' CPU share during the sides: not measured"
-    return (f"other processes' CPU share during the sides: median {median(shares):.1%}, "
-            f"max {max(shares):.1%}")
+    others = (f"median {median(shares):.1%}, max {max(shares):.1%}" if shares else "not measured")
+    return "\n".join([f"machine: {machine()}", f"load before: {load_before}", f"load after:  {other_load()}",
+                      f"other processes' CPU share during the sides: {others}"])
 
 
 def paired_ratios(results: dict[str, list[dict]], a: str, b: str, key) -> list[float]:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (alternate, collated_tokens, cpu_gaps, gaps, machine, other_load, quiet_summary, set_threads,
-                    step_clock, tiny_bert)
+from common import (alternate, collated_tokens, conditions, cpu_gaps, gaps, other_load, set_threads, step_clock,
+                    tiny_bert)
 
 SIDES = ("random", "group_by_length")
 
@@ -79,10 +79,7 @@ def main():
     results = alternate(__file__, list(SIDES), args.repeats, child_args,
                         in_process=(lambda name: one_side(args, name)) if args.tiny else None,
                         wait_quiet=args.wait_quiet)
-    print(f"machine: {machine()}")
-    print(f"load before: {load_before}")
-    print(f"load after:  {other_load()}")
-    print(quiet_summary(results))
+    print(conditions(load_before, results))
     print(f"job: {args.model}, BBC News, batch {args.batch}, max_seq_length {args.seq}, {args.steps} updates x "
           f"{args.repeats} repeats per side, first {args.warmup} of each process dropped")
     rate, cpu_rate, acc = {}, {}, {}

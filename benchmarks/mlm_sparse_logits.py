@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (alternate, cpu_gaps, gaps, machine, median, other_load, paired_ratios, quiet_summary,
-                    set_threads, step_clock, tiny_bert)
+from common import (alternate, conditions, cpu_gaps, gaps, median, other_load, paired_ratios, set_threads, step_clock,
+                    tiny_bert)
 
 SIDES = ("full", "sparse")
 
@@ -93,10 +93,7 @@ def main():
                             ["--train_file", args.train_file] if args.train_file else []),
                         in_process=(lambda name: one_side(args, name)) if args.tiny else None,
                         wait_quiet=args.wait_quiet)
-    print(f"machine: {machine()}")
-    print(f"load before: {load_before}")
-    print(f"load after:  {other_load()}")
-    print(quiet_summary(results))
+    print(conditions(load_before, results))
     print(f"job: {args.model} masked-LM on BBC News, batch {args.batch}, blocks of {args.seq} tokens, "
           f"{args.steps} updates x {args.repeats} repeats per side, first {args.warmup} of each process dropped")
     med, cpu = {}, {}

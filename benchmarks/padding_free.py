@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import alternate, collated_tokens, cpu_gaps, gaps, machine, other_load, quiet_summary, set_threads, step_clock
+from common import alternate, collated_tokens, conditions, cpu_gaps, gaps, other_load, set_threads, step_clock
 
 SIDES = ("padded", "padding_free")
 
@@ -108,10 +108,7 @@ def main():
     results = alternate(__file__, list(SIDES), args.repeats, child_args,
                         in_process=(lambda name: one_side(args, name)) if args.tiny else None,
                         wait_quiet=args.wait_quiet)
-    print(f"machine: {machine()}")
-    print(f"load before: {load_before}")
-    print(f"load after:  {other_load()}")
-    print(quiet_summary(results))
+    print(conditions(load_before, results))
     print(f"job: {args.model}, Rotten Tomatoes one review per example, batch {args.batch}, max_seq_length "
           f"{args.seq}, {'bf16' if args.bf16 else 'fp32'}, {args.steps} updates x {args.repeats} repeats per side, "
           f"first {args.warmup} of each process dropped")

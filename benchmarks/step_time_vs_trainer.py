@@ -38,8 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (alternate, lockstep, collated_tokens, cpu_gaps, gaps, machine, median, other_load, paired_ratios,
-                    quiet_summary, set_threads, step_clock, tiny_bert)
+from common import (alternate, collated_tokens, conditions, cpu_gaps, gaps, lockstep, median, other_load,
+                    paired_ratios, set_threads, step_clock, tiny_bert)
 
 SIDES = ("bare", "trainer", "scaletune")
 
@@ -187,10 +187,7 @@ def main():
                             in_process=(lambda name: one_side(args, name)) if args.tiny else None,
                             wait_quiet=args.wait_quiet)
     same = all(r["batches"] == results["bare"][0]["batches"] for runs in results.values() for r in runs)
-    print(f"machine: {machine()}")
-    print(f"load before: {load_before}")
-    print(f"load after:  {other_load()}")
-    print(quiet_summary(results))
+    print(conditions(load_before, results))
     print(f"job: {args.model}, Rotten Tomatoes, batch {args.batch}, seq <= {args.seq}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} updates x {args.repeats} repeats per side, "
           f"first {args.warmup} of each process dropped; same batches on every side: {same}")

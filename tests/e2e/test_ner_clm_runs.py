@@ -24,8 +24,13 @@ from support.tiny import REPO, accelerate_launch, run_cli
 QUIET = {"disable_tqdm": True, "report_to": "none"}
 
 
+def step_values(history: list, key: str) -> dict:
+    """Per training step, the logged `key` (loss, grad_norm, ...): not from eval entries or the run's summary."""
+    return {e["step"]: e[key] for e in history if key in e and "eval_loss" not in e and "train_loss" not in e}
+
+
 def train_losses(history) -> dict:
-    return {e["step"]: e["loss"] for e in history if "loss" in e and "eval_loss" not in e and "train_loss" not in e}
+    return step_values(history, "loss")
 
 
 def results(out) -> dict:
@@ -217,10 +222,6 @@ def padding_free_args(work, out, batch: int, padding_free: bool) -> list[str]:
             "1e-2", "--logging_steps", "1", "--max_steps", "4", "--save_strategy", "no", "--eval_strategy", "no",
             "--do_predict", "false", "--sample_prompts", "0", "--disable_tqdm", "true", "--report_to", "none",
             "--padding_free", str(padding_free).lower(), "--output_dir", str(out)]
-
-
-def step_values(log: list, key: str) -> dict:
-    return {e["step"]: e[key] for e in log if key in e and "train_loss" not in e}
 
 
 def tokens_per_example(log: list) -> list:

@@ -183,6 +183,8 @@ def check_packed_attention(model) -> None:
     the architecture."""
     import torch
 
+    from ..evaluation import model_inputs
+
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl.startswith("flash_attention"):
         return
@@ -203,9 +205,9 @@ def check_packed_attention(model) -> None:
             for before in (range(11, 16), range(31, 36)):
                 before = [i % vocab for i in before]
                 row = flatten([{"input_ids": before, "labels": before}, {"input_ids": example, "labels": example}])
-                out = model(input_ids=row["input_ids"].to(device), position_ids=row["position_ids"].to(device),
-                            use_cache=False)
-                logits.append(out.logits[0, len(before):].float())
+                # What the loop's forward gets from a flattened batch (flags as they are, tensors on the device).
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(row).items()}
+                logits.append(model(**inputs).logits[0, len(before):].float())
     except (TypeError, ValueError) as e:  # e.g. a forward that takes no position_ids
         raise ConfigError(f"padding_free=true: {name} cannot run a flattened batch ({e}); set padding_free=false "
                           f"or attn_implementation=flash_attention_2.") from e
