@@ -1,10 +1,12 @@
-"""What every benchmark here shares: one clock, sides in their own processes, alternating, and the machine's
+"""What every benchmark here shares: the clocks, sides in their own processes, alternating, and the machine's
 description (hardware, software and the load while it ran) printed with the figures.
 
 A side is a child process of the script itself (`--side NAME`) that prints one JSON object on its last line.
 Each side is timed by the same clock: torch's global optimizer-step hook records the wall clock after every
 `optimizer.step()`, and a step's time is the gap between two of them (data loading, forward, backward,
-clipping, update and the loop's own bookkeeping all included, whoever wrote the loop).
+clipping, update and the loop's own bookkeeping all included, whoever wrote the loop). On a GPU those gaps
+measure the host, which runs ahead of the device: `window_clock` times a window of many updates between two
+device synchronisations instead (benchmarks/gpu_suite.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +53,100 @@ def step_clock():
         yield stamps
     finally:
         handle.remove()
+
+
+class Window:
+    """What `window_clock` measured: the wall-clock seconds of updates start+1 .. end (between two device
+    synchronisations), the non-padding tokens and rows of every batch a DataLoader handed out (in order), the
+    seconds spent waiting for those batches inside the window, and with `every_update` the synced time after
+    each update of the window (stamps[0] is after update `start`)."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+        self.seconds: Optional[float] = None
+        self.batches: list[list[int]] = []
+        self.data_wait = 0.0
+        self.stamps: list[float] = []
+
+    @property
+    def updates(self) -> int:
+        return self.end - self.start
+
+    def window_batches(self) -> list[list[int]]:
+        """The batches the window's updates trained on: update k (from 1) trains on batch k - 1."""
+        return self.batches[self.start:self.end]
+
+    def record(self) -> dict:
+        """The JSON-able result of one repeat."""
+        if self.seconds is None:
+            raise RuntimeError(f"the run made fewer than {self.end} optimizer updates")
+        rows = self.window_batches()
+        return {"seconds": self.seconds, "updates": self.updates, "tokens": sum(sum(r) for r in rows),
+                "samples": sum(len(r) for r in rows), "data_wait": self.data_wait,
+                "gaps": [b - a for a, b in zip(self.stamps, self.stamps[1:])]}
+
+
+@contextlib.contextmanager
+def window_clock(start: int, end: int, every_update: bool = False):
+    """Times the window of updates start+1 .. end of whatever trains in this process (bare loop, Trainer or
+    scaletune), the same way for all: torch's global optimizer-step hook counts the updates, and at update
+    `start` and update `end` the device is synchronised before the clock is read, so the window holds the GPU's
+    work, not only the host's (on CPU the synchronisation is a no-op). Nothing is read from the device in
+    between, so the clock adds no host sync to the step. `every_update`: synchronise after every update of the
+    window too (per-update times, e.g. for the stall of a save; it costs one sync per update).
+
+    Tokens come from the batches on the host as they leave the DataLoader's iterator (in the training
+    process, after worker processes collated them and before they are moved to the device), and so does the
+    data wait: the time spent in that iterator during the window.
+
+    An update the fp16 grad scaler skips does not call the optimizer's step and is not counted: the warm-up
+    before `start` absorbs the scaler's first skips."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.utils.data import dataloader
+
+    window = Window(start, end)
+    count = 0
+
+    def now() -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run on a GPU machine: no sync
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def after_update(*_):
+        nonlocal count
+        count += 1
+        if count == start or (start < count <= end and (every_update or count == end)):
+            window.stamps.append(now())
+        if count == end:
+            window.seconds = window.stamps[-1] - window.stamps[0]
+
+    fetch = dataloader._BaseDataLoaderIter.__next__
+
+    def counted_next(self):
+        began = time.perf_counter()
+        batch = fetch(self)
+        if start <= count < end:
+            window.data_wait += time.perf_counter() - began
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None  # BatchEncoding is no dict
+        if mask is not None:
+            window.batches.append(mask.sum(dim=1).tolist())  # a host tensor: no device read
+        return batch
+
+    handle = register_optimizer_step_post_hook(after_update)
+    dataloader._BaseDataLoaderIter.__next__ = counted_next
+    try:
+        yield window
+    finally:
+        handle.remove()
+        dataloader._BaseDataLoaderIter.__next__ = fetch
+
+
+def consistent(row: dict, tolerance: float = 0.02) -> bool:
+    """A row's rate and time per update describe the same window: tokens/s x ms/update / 1000 equals the
+    tokens per update it trained on, within `tolerance` (relative)."""
+    implied = row["tokens/s"] * row["ms/update"] / 1000
+    return abs(implied - row["tokens/update"]) <= tolerance * row["tokens/update"]
 
 
 class _Turn:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU suite in one command (benchmarks/gpu_suite.py says what it measures). On one H100/H200 it takes
-# about 6 minutes and writes gpu_suite_results.md (pass --out FILE to change that).
+# several minutes (--budget bounds it) and writes gpu_suite_results.md as rows finish (--out FILE to change that).
 #
 #   bash benchmarks/gpu_suite.sh                # the full suite on the visible GPU
 #   bash benchmarks/gpu_suite.sh --tiny --cpu   # a 2-layer BERT on CPU in under a minute (CI's smoke run)

@@ -66,18 +66,32 @@ def _package_file(key: str) -> Path:
     raise AssetError(f"Package {dist!r} is installed but lacks {rel}; reinstall it: {_INSTALL}")
 
 
+def check_packaged_model(name: str) -> None:
+    """A packaged model name is known and its package installed: cheap (no conversion), for preflight."""
+    key = name[len(PREFIX):]
+    if key in _CONVERTED_MODELS:
+        import importlib.util
+
+        _dist_file(*_CONVERTED_MODELS[key], _INSTALL_LM)
+        if importlib.util.find_spec("gguf") is None:
+            raise AssetError(f"{name} is shipped as GGUF, and reading it needs the gguf package: {_INSTALL_LM}")
+    elif key == "minilm":
+        _package_file(key)
+    elif key not in _MODEL_CONFIGS:
+        raise AssetError(f"{name} is not a packaged model; the packaged models are {PREFIX}minilm, {PREFIX}smollm2 "
+                         f"and the config {PREFIX}llama_small.")
+
+
 def model_path(name: str) -> str:
     """Resolve `packaged:minilm` to a local folder; other names pass through unchanged."""
     if not is_packaged(name):
         return name
+    check_packaged_model(name)
     key = name[len(PREFIX):]
     if key in _CONVERTED_MODELS:
         return converted_model_path(key)
     if key in _MODEL_CONFIGS:
         return model_config_path(key)
-    if key != "minilm":
-        raise AssetError(f"{name} is not a packaged model; the packaged models are {PREFIX}minilm, {PREFIX}smollm2 "
-                         f"and the config {PREFIX}llama_small.")
     return str(_package_file(key).parent)
 
 
@@ -260,17 +274,14 @@ def converted_model_path(key: str) -> str:
 
 
 def _convert_gguf(source: Path, folder: Path) -> None:
-    import importlib.util
     import shutil
 
-    if importlib.util.find_spec("gguf") is None:
-        raise AssetError(f"Reading {source.name} needs the gguf package: {_INSTALL_LM}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, use_kernels=False)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

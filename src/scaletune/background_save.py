@@ -4,7 +4,7 @@
 weights, optimizer, scheduler, grad scaler, this rank's RNG state -- plus the loop state, then a writer thread
 writes them under accelerate's file names (so `accelerator.load_state` resumes from them) into
 `.checkpoint-N.partial/`, fsyncs them and checksums them. `finish()` (collective) waits for every rank's
-writer, and only then does the main process write the manifest and `trainer_state.json` and rename the folder:
+writer, and only then does the main process write `trainer_state.json` and the manifest and rename the folder:
 a checkpoint whose writes did not all complete is never picked up (§26). The Checkpointer finishes a
 background save before the next one starts, before the best-model reload and export, and before a preempted
 run exits.
@@ -154,18 +154,9 @@ class BackgroundSave:
 
     def finish(self) -> None:
         """Collective: wait for every rank's writer, then make the checkpoint complete (main process)."""
-        from .distributed import all_agree
-
         self.thread.join()
         acc = self.accelerator
-        if all_agree(acc, self.error is not None):
-            # Judged before the partial folder is removed: a full disk is recognised by its free space too.
-            error = (checkpoint.write_failed(self.error, self.partial) if self.error is not None else
-                     checkpoint.CheckpointError(f"Writing {str(self.partial)!r} failed on another process; see its "
-                                                f"error."))
-            if acc.is_main_process:
-                shutil.rmtree(self.partial, ignore_errors=True)  # give the space back; earlier checkpoints intact
-            raise error
+        checkpoint.agree_on_write(acc, self.error, self.partial)  # collective: every rank fails the same way
         if acc.is_main_process:
             checkpoint.complete(self.partial, self.folder, self.state, self.hashed)
         acc.wait_for_everyone()

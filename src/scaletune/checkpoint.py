@@ -3,16 +3,17 @@
 Layout (Trainer's names): `output_dir/checkpoint-{step}/` holds the model (`model.safetensors` +
 `config.json`, loadable with `from_pretrained`), the optimizer, scheduler, grad scaler, sampler and every
 rank's RNG state (all by `accelerator.save_state`), the tokenizer, the run's `config.yaml`, a
-`manifest.json` (every file's size and SHA-256) and `trainer_state.json`. Under DeepSpeed and FSDP2,
+`trainer_state.json` and a `manifest.json` (the size and SHA-256 of every other file). Under DeepSpeed and FSDP2,
 `save_state` writes the backend's sharded format (`pytorch_model/`, `pytorch_model_fsdp_0/` + `optimizer_0/`)
 and `model.safetensors` is consolidated from the shards. With LoRA (`use_peft`) a checkpoint holds
 `adapter/` (peft's format) and the adapter's optimizer state instead: never the frozen pretrained weights.
 
 Atomicity (§26): everything is written into `.checkpoint-{step}.partial/`; when every rank has finished,
-the main process writes the manifest and `trainer_state.json`, fsyncs the files and the folder, and renames
+the main process writes `trainer_state.json`, then the manifest, fsyncs the files and the folder, and renames
 the folder. A crash mid-save leaves a `.partial` folder that is never picked up. Deleting a checkpoint first
 renames it out of the `checkpoint-N` namespace, so a kill during deletion never leaves a half-deleted
-folder that `latest` would pick.
+folder that `latest` would pick. A resume checks every file against the manifest and the state files against
+each other (the step in the folder name, trainer_state.json, the scheduler; the processes and RNG files).
 
 The lifecycle (when to save, rotation, resume resolution, best reload) is `checkpointer.Checkpointer`'s; the
 weights under each backend (consolidation, adapters, best-weights reload, export) are `model_weights.py`'s.
@@ -29,12 +30,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ScaletuneError
 from . import lora
 from .model_weights import _backend_saves_adapter, _frozen_base_left_out, load_adapter, save_model_weights
 from .state import STATE_FILE, TrainingState
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_RNG_RE = re.compile(r"^random_states_(\d+)\.pkl$")  # accelerate's RNG_STATE_NAME, one file per process
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.yaml"
 
@@ -86,7 +88,8 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST_FILE, STATE_FILE)
+    """Every file of the checkpoint but the manifest itself (`trainer_state.json` included)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
                   and not p.name.endswith(".tmp"))
 
 
@@ -114,15 +117,13 @@ def write_manifest(folder: Path, known: Optional[dict] = None) -> None:
 
 
 def verify(folder: str | Path) -> Optional[str]:
-    """None if the checkpoint is intact, else the first problem (naming the file)."""
+    """None if the checkpoint is intact, else the first problem (naming the file). Every version of scaletune
+    (0.1.0, never released without it) writes a manifest: a checkpoint without one is damaged, since nothing
+    can tell which of its files are whole."""
     folder = Path(folder)
-    try:
-        read_trainer_state(folder)
-    except CheckpointError as e:
-        return str(e)
     manifest = folder / MANIFEST_FILE
     if not manifest.is_file():
-        return None  # written by v0.1 (no manifest): nothing to check against
+        return f"{str(manifest)!r} is missing"
     try:
         entries = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError) as e:
@@ -135,7 +136,54 @@ def verify(folder: str | Path) -> Optional[str]:
             return f"{str(p)!r} has {p.stat().st_size} bytes, {meta['size']} were written"
         if _sha256(p) != meta["sha256"]:
             return f"{str(p)!r} is corrupt (checksum differs from the one written)"
+    for p in _files(folder):
+        if str(p.relative_to(folder)) not in entries:
+            return f"{str(p)!r} is not in {str(manifest)!r} (added after the save)"
+    if STATE_FILE not in entries:
+        return f"{str(manifest)!r} does not cover {STATE_FILE}"
+    try:
+        state = read_trainer_state(folder)
+    except CheckpointError as e:
+        return str(e)
+    return _disagreement(folder, state)
+
+
+def _disagreement(folder: Path, state: TrainingState) -> Optional[str]:
+    """What the state files of a checksummed checkpoint say that cannot be true together (no torch: the
+    scheduler's own step count is compared when it loads, `check_schedule`)."""
+    m = _CKPT_RE.match(folder.name)
+    if m and int(m.group(1)) != state.global_step:
+        return f"{str(folder / STATE_FILE)!r} says global step {state.global_step} in {folder.name}"
+    ranks = sorted(int(r.group(1)) for r in map(_RNG_RE.match, (p.name for p in folder.iterdir())) if r)
+    if ranks and ranks != list(range(state.world_size)):
+        return (f"{str(folder / STATE_FILE)!r} says {state.world_size} process(es) wrote it, and it holds the random "
+                f"state of {len(ranks)}")
     return None
+
+
+def check_schedule(folder: Path, state: TrainingState) -> None:
+    """The learning-rate schedule in `scheduler.bin` has stepped once per applied update (§18): a schedule of
+    another step would resume with the wrong learning rates. An fp16 overflow skips a step of the schedule
+    too, which is not counted: where one can happen (a grad scaler's `scaler.pt`, or DeepSpeed's engine
+    checkpoint `pytorch_model/`, whose fp16 loss scaling is its own) the schedule may only lag."""
+    path = folder / "scheduler.bin"
+    if not path.is_file():
+        return  # DeepSpeed keeps it in its engine checkpoint; save_only_model has none
+    import torch
+
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception:  # a scheduler whose state is not plain data: load_state reads it, or says why not
+        return
+    if not isinstance(saved, dict) or "lr_lambdas" not in saved:
+        return  # a metric-driven schedule (reduce_lr_on_plateau) steps on evaluations
+    applied = state.global_step - state.skipped_updates
+    stepped = saved["last_epoch"]
+    overflow_skips = (folder / "scaler.pt").is_file() or (folder / "pytorch_model").is_dir()
+    if stepped > applied or (stepped < applied and not overflow_skips):
+        raise CheckpointError(f"{str(path)!r} has stepped the learning-rate schedule {stepped} time(s), and "
+                              f"{str(folder / STATE_FILE)!r} says {applied} updates were applied: its files are of "
+                              f"different steps. Resume from another checkpoint.")
 
 
 def fsync_dir(path: Path) -> None:
@@ -178,6 +226,26 @@ def write_failed(e: BaseException, path: Path) -> CheckpointError:
     return CheckpointError(f"Could not write {str(path)!r}: {detail}.")
 
 
+def agree_on_write(accelerator, failed: Optional[BaseException], folder: Path) -> None:
+    """Collective, once every rank has written its part of `folder`: if any rank failed, every rank raises the
+    same one-line error and the main process removes `folder` (the space back; what was there before is
+    untouched). A ScaletuneError (a refusal with its own words) is raised as it is."""
+    from .distributed import all_agree
+
+    if not all_agree(accelerator, failed is not None):
+        return
+    # Judged before the folder is removed: a full disk is recognised by its free space too.
+    if isinstance(failed, ScaletuneError):
+        error = failed
+    elif failed is not None:
+        error = write_failed(failed, folder)
+    else:
+        error = CheckpointError(f"Another process failed while writing {str(folder)!r}; see its error above.")
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+    raise error
+
+
 # --------------------------------------------------------------------------- save / load
 
 
@@ -201,15 +269,7 @@ def save_checkpoint(accelerator, folder: Path, state: TrainingState, model, toke
             (partial / CONFIG_FILE).write_text(config_yaml)  # resume compares against it
     except Exception as e:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
         failed = e
-    from .distributed import all_agree
-
-    if all_agree(accelerator, failed is not None):  # collective: every rank fails the same way
-        # Judged before the partial folder is removed: a full disk is recognised by its free space too.
-        error = write_failed(failed, partial) if failed is not None else CheckpointError(
-            f"Another process failed while writing {str(partial)!r}; see its error above.")
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)  # give the space back; earlier checkpoints are untouched
-        raise error
+    agree_on_write(accelerator, failed, partial)  # collective: every rank fails the same way
     if accelerator.is_main_process:
         complete(partial, folder, state)
     accelerator.wait_for_everyone()
@@ -226,11 +286,11 @@ def readable_as_umask_allows(paths) -> None:
 
 
 def complete(partial: Path, folder: Path, state: TrainingState, known: Optional[dict] = None) -> None:
-    """Main process, once every rank's files are on disk: manifest, trainer_state.json last, fsync, rename."""
+    """Main process, once every rank's files are on disk: trainer_state.json, the manifest, fsync, rename."""
     readable_as_umask_allows(partial.rglob("*"))
     try:
-        write_manifest(partial, known)
-        write_trainer_state(partial, state)  # written last: marks the checkpoint complete
+        write_trainer_state(partial, state)
+        write_manifest(partial, known)  # every file, trainer_state.json included; the rename publishes them
         fsync_dir(partial)
     except Exception as e:
         error = write_failed(e, partial)
@@ -247,6 +307,7 @@ def load_checkpoint(accelerator, path: str | Path, model=None) -> TrainingState:
     `model`: the prepared model (default: the one the Accelerator prepared)."""
     path = Path(path)
     state = read_trainer_state(path)
+    check_schedule(path, state)
     model = model if model is not None else accelerator._models[0]
     peft = lora.is_peft(accelerator.unwrap_model(model))
     has_adapter = (path / lora.ADAPTER_DIR).is_dir()

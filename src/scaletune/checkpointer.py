@@ -1,6 +1,6 @@
 """The checkpoint lifecycle, owned in one place.
 
-Before anything expensive (`preflight`, no torch): lock the output dir for this run, resolve
+Before anything expensive (`preflight`, no torch): lock the output dir for this run (lock.py), resolve
 `resume_from_checkpoint` (verifying `latest` and falling back past a damaged one, never silently) and refuse
 to clobber another run. Before the model loads: compare the checkpoint's training config with this one.
 During training (`Checkpointer`): save + rotate (the best checkpoint is a step, never deleted), load.
@@ -11,12 +11,9 @@ The disk format of one checkpoint (atomic write, manifest, load, ZeRO-3 details)
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional
 
@@ -24,6 +21,7 @@ import yaml
 
 from . import checkpoint, model_weights, schedule
 from .errors import CheckpointError
+from .lock import acquire_lock
 from .state import STATE_FILE, TrainingState, checkpoint_name
 
 if TYPE_CHECKING:
@@ -33,8 +31,6 @@ if TYPE_CHECKING:
 
     from .background_save import BackgroundSave, HostStaging
     from .config import TrainingArguments
-
-LOCK_FILE = ".scaletune.lock"
 
 # Keys that change what the saved data position, RNG and optimizer state mean: resuming with another value
 # would not continue the same run (§16). Everything else may change on resume and is reported.
@@ -63,6 +59,7 @@ def preflight(args: TrainingArguments, env: Mapping[str, str] = os.environ) -> O
     check_writable(root)
     if env.get("RANK", "0") == "0":
         acquire_lock(root, env)
+        remove_leftovers(root)
     resume = resolve_resume(root, args.resume_from_checkpoint)
     if resume is not None:
         check_trusted(resume, root, args.trust_checkpoint, env)
@@ -196,77 +193,15 @@ def check_resume_compatible(path: Path, config: Mapping, world_size: int) -> Non
 # --------------------------------------------------------------------------- one run per output dir
 
 
-def _process_start(pid: int) -> Optional[str]:
-    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), or None if it is gone or a
-    zombie. With the pid it names one process: a pid reused by another process does not keep a lock."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else fields[19]
-
-
-def _pid_alive(pid: int, started: Optional[str] = None) -> bool:
-    if Path("/proc").is_dir():
-        now = _process_start(pid)
-        return now is not None and (started is None or now == started)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def acquire_lock(root: Path, env: Mapping[str, str] = os.environ) -> None:
-    """Claim `root` for this run (main process). A lock of a dead process on this host, or of an earlier
-    attempt of the same Slurm job (a requeue or a restart), is stale and taken over."""
-    lock = root / LOCK_FILE
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": env.get("SLURM_JOB_ID"),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "process_start": _process_start(os.getpid())}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                owner = {}
-            same_job = owner.get("slurm_job_id") and owner.get("slurm_job_id") == me["slurm_job_id"]
-            dead = owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", 0)),
-                                                                      owner.get("process_start"))
-            if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
-                return  # this process holds it already (run() called again after a failure)
-            if not (same_job or dead or not owner):
-                raise CheckpointError(
-                    f"output_dir {str(root)!r} is in use by another run (pid {owner.get('pid')} on "
-                    f"{owner.get('host')}, since {owner.get('started')}): wait for it, choose another "
-                    f"--output_dir, or delete {str(lock)!r} if that run is gone.") from None
-            lock.unlink(missing_ok=True)  # stale: its owner is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        remove_leftovers(root)
-        return
-    raise CheckpointError(f"Could not lock {str(lock)!r}: another run keeps claiming it.")
-
-
 def remove_leftovers(root: Path) -> None:
-    """With the lock held, nothing else writes here: interrupted saves (`.checkpoint-N.partial`) and
-    interrupted deletions (`.checkpoint-N.deleting-PID`) are garbage; they never count as checkpoints."""
+    """With the lock held, nothing else writes here: interrupted saves (`.checkpoint-N.partial`), interrupted
+    deletions (`.checkpoint-N.deleting-PID`) and an interrupted export (`.export.partial`, an earlier export's
+    `.adapter.old-export`) are garbage; they never count as checkpoints or as the model."""
     for path in root.glob(".checkpoint-*"):
         if path.is_dir() and (path.name.endswith(".partial") or ".deleting-" in path.name or path.name.endswith(".old")):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def release_lock(root: Path) -> None:
-    lock = Path(root) / LOCK_FILE
-    try:
-        if json.loads(lock.read_text()).get("pid") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
-        pass
+    for path in (root / model_weights.EXPORT_STAGING, *root.glob(".*.old-export")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- during and after training
@@ -367,6 +302,9 @@ class Checkpointer:
             if world > state.world_size:
                 self.accelerator.print(f"scaletune: processes {state.world_size}..{world - 1} start with a fresh "
                                        f"random state (the checkpoint has {state.world_size}).")
+            else:
+                self.accelerator.print(f"scaletune: the random state of processes {world}..{state.world_size - 1} "
+                                       f"is dropped (the checkpoint has {state.world_size}, this run has {world}).")
             state.world_size = world
         return state
 

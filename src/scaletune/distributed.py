@@ -251,7 +251,11 @@ def build_accelerator(cfg) -> Accelerator:
 
         kwargs_handlers.append(DistributedDataParallelKwargs(find_unused_parameters=t.ddp_find_unused_parameters))
     dynamo = None  # None: the Accelerate config's dynamo_config decides
-    if t.torch_compile:
+    # torch_compile compiles the step's forward + loss (fast_path); accelerate compiles the model only under
+    # DeepSpeed and FSDP2, which own their forward.
+    from .fast_path import compiles_step
+
+    if t.torch_compile and not compiles_step(t):
         from accelerate.utils import TorchDynamoPlugin
 
         dynamo = TorchDynamoPlugin(backend="inductor", mode=t.torch_compile_mode or "default")
@@ -267,7 +271,7 @@ def build_accelerator(cfg) -> Accelerator:
         step_scheduler_with_optimizer=False,
         deepspeed_plugin=plugin,
         fsdp_plugin=fsdp_plugin,
-        # accelerate compiles in prepare(): torch.compile for DDP, engine.compile under DeepSpeed.
+        # accelerate compiles in prepare(): engine.compile under DeepSpeed, torch.compile under FSDP2.
         dynamo_plugin=dynamo,
         kwargs_handlers=kwargs_handlers,
     )
@@ -302,6 +306,7 @@ def release_world_group() -> None:
 
         gc.collect()
         _world_group.clear()
+    _HOST_GROUP.clear()  # a later run() gets groups of its own
 
 
 _DEEPSPEED_AVAILABLE = None  # accelerate's own check, kept while a run without DeepSpeed replaces it
@@ -463,14 +468,32 @@ def zero_stage(accelerator: Accelerator) -> Optional[int]:
 
 
 def all_agree(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if any rank says True (stop decisions every rank must share)."""
+    """True on every rank if any rank says True (stop decisions every rank must share). The flag is a host
+    value, so it is agreed over a gloo group on host tensors: over NCCL, a device all-reduce and its `.item()`
+    would make the host wait for all the GPU work queued so far (the preemption check runs after every update)."""
     if accelerator.num_processes == 1:
         return flag
     import torch
+    import torch.distributed as dist
 
-    # Host-device sync point: one scalar all-reduce.
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, group=_host_group())  # a collective on the host: no device sync
+    return bool(t.item() > 0)
+
+
+_HOST_GROUP: list = []
+
+
+def _host_group():
+    """The process group for host values: the default group when it is gloo (CPU runs), else one gloo group
+    over the same ranks, made once (every rank calls all_agree at the same points, so they make it together)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
 
 
 ERROR_PRINTED_KEY = "scaletune/error_printed"

@@ -23,6 +23,10 @@ class CheckpointError(ScaletuneError, RuntimeError):
     """A checkpoint or output-directory problem."""
 
 
+class ModelError(ScaletuneError, OSError):
+    """A model, config or tokenizer that cannot be found or read."""
+
+
 class AssetError(ScaletuneError, RuntimeError):
     """A packaged offline asset (model or dataset) is missing."""
 
@@ -36,3 +40,9 @@ class MetricNotFound(ScaletuneError, KeyError):
 
 class NonFiniteError(ScaletuneError, RuntimeError):
     """The loss or gradient norm became NaN or infinite."""
+
+
+def first_line(error: BaseException) -> str:
+    """A library's exception in one line, for a message that wraps it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -59,13 +59,15 @@ def fit(loop: Loop, state: TrainingState, plan: Plan) -> StopReason:
     for window in loop.data.windows(state, plan.max_steps):
         update = loop.stepper.update(window.batches)
         state.global_step += 1
-        if update.finite:
-            log.add(update.loss)
+        if update.finite is False:  # on_nonfinite=skip: decided on the host, this update
+            handle_nonfinite(loop, state, state.global_step)
         else:
-            handle_nonfinite(loop, state)
+            log.add(update.loss)
         if t.include_num_input_tokens_seen:  # Host-device sync point (only when asked, as Trainer)
             state.num_input_tokens_seen += int(loop.stepper.accelerator.reduce(update.tokens, "sum").item())
         actions = schedule.planned_actions(state.global_step, plan, t, window.epoch_ended, state.epoch)
+        if actions.log or actions.evaluate:
+            check_finite(loop, state)  # collective read point: nothing logs or evaluates a non-finite update
 
         if actions.log and log.steps:
             seen = {"num_input_tokens_seen": state.num_input_tokens_seen} if t.include_num_input_tokens_seen else {}
@@ -84,12 +86,15 @@ def fit(loop: Loop, state: TrainingState, plan: Plan) -> StopReason:
         outcome = schedule.step_outcome(actions, t, new_best=new_best, stop_early=stop_early,
                                         epoch_ended=window.epoch_ended, preempted=preempted)
         state.should_stop = stop_early  # decided before the save, so the checkpoint records it
+        if outcome.save or outcome.stop:
+            check_finite(loop, state)  # collective read point: no checkpoint, and no end, after an unread one
 
         if outcome.save:
             loop.checkpointer.save(state)
         loop.tracker.progress(state.global_step, log.last, update.learning_rate)
         if outcome.stop:
             return outcome.stop
+    check_finite(loop, state)
     return "early_stopping" if state.should_stop else "max_steps"
 
 
@@ -124,20 +129,30 @@ def record(loop: Loop, state: TrainingState, logs: dict) -> None:
     loop.tracker.log(logs, state.global_step)
 
 
-def handle_nonfinite(loop: Loop, state: TrainingState) -> None:
-    """on_nonfinite: `stop` (default) ends the run naming the step, keeping every checkpoint as it is; `skip`
-    drops the update (the Stepper did not apply it), counts it, and stops after max_skipped_updates."""
+def check_finite(loop: Loop, state: TrainingState) -> None:
+    """Collective. on_nonfinite=stop: a non-finite update since the last read point stops the run, naming it."""
+    bad_step = loop.stepper.nonfinite.read(loop.stepper.accelerator, state.global_step)
+    if bad_step is not None:
+        handle_nonfinite(loop, state, bad_step)
+
+
+def handle_nonfinite(loop: Loop, state: TrainingState, step: int) -> None:
+    """on_nonfinite: `stop` (default) ends the run naming the (first) non-finite step, keeping every checkpoint
+    as it is; `skip` drops the update (the Stepper did not apply it), counts it, and stops after
+    max_skipped_updates."""
     t = loop.args
     state.skipped_updates += 1
     loop.checkpointer.flush()  # collective (every rank agreed on the flag): a save in flight is of a good step
     last_good = loop.checkpointer.latest_name()
     where = f"the last checkpoint ({last_good}) is kept" if last_good else "no checkpoint was written"
     if t.on_nonfinite == "skip" and state.skipped_updates <= t.max_skipped_updates:
-        loop.stepper.accelerator.print(f"scaletune: non-finite loss or gradient norm at step {state.global_step}; "
+        loop.stepper.accelerator.print(f"scaletune: non-finite loss or gradient norm at step {step}; "
                                        f"update skipped ({state.skipped_updates}/{t.max_skipped_updates}).")
         return
     why = ("more than max_skipped_updates non-finite updates" if t.on_nonfinite == "skip"
-           else "the loss or gradient norm became NaN or infinite")
+           else "the loss or gradient norm became NaN or infinite"
+           + (f" at step {step} (read at this step's logging, evaluation or save)" if step != state.global_step
+              else ""))
     raise NonFiniteError(f"Stopped at step {state.global_step}: {why}; {where}. Lower learning_rate, check the data "
                          f"or use bf16 instead of fp16; on_nonfinite=skip skips such updates.")
 

@@ -49,14 +49,10 @@ def is_peft(model) -> bool:
 
 
 def _model_type(cfg) -> Optional[str]:
-    from transformers import AutoConfig
+    from .model_source import load_config
 
-    from .assets import model_path
-
-    m = cfg.model
     try:
-        config = AutoConfig.from_pretrained(model_path(m.config_name or m.model_name_or_path), cache_dir=m.cache_dir,
-                                            revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+        config = load_config(cfg.model)
     except (OSError, ValueError):
         return None  # the model load reports an unreadable model in its own words
     return config.model_type

@@ -133,7 +133,8 @@ class MeanSquaredError(ItemLoss):
     def count(self, labels: torch.Tensor) -> torch.Tensor:
         import torch
 
-        return torch.tensor(float(labels.numel()), device=labels.device)
+        # torch.full, not torch.tensor(n, device=...): the latter is a blocking host-to-device copy on a GPU.
+        return torch.full((), float(labels.numel()), device=labels.device)
 
     def per_sample(self, logits, labels):
         import torch

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
+import shutil
 from pathlib import Path
 
 from . import lora
@@ -286,13 +288,65 @@ def load_adapter(accelerator, model, folder: str | Path) -> None:
 # --------------------------------------------------------------------------- export
 
 
+EXPORT_STAGING = ".export.partial"  # removed as a leftover by the next run (checkpointer.remove_leftovers)
+
+
 def export_model(accelerator, model, tokenizer, output_dir: str | Path) -> None:
     """Collective: the final model as a `save_pretrained` folder (safetensors) with its tokenizer. With LoRA:
     the adapter in `output_dir/adapter/` and, unless merge_adapters_at_export is off, the merged model in
-    `output_dir`, built on the main process from the gathered weights (the training model is not changed)."""
+    `output_dir`, built on the main process from the gathered weights (the training model is not changed).
+    Written whole into `output_dir/.export.partial/` first and then moved into place, weights last: an abort
+    or a full disk never leaves half a model where one is read (the output dir also holds the checkpoints,
+    so it cannot be renamed itself)."""
+    from .checkpoint import agree_on_write  # checkpoint imports this module: imported here
+
+    out = Path(output_dir)
+    staging = out / EXPORT_STAGING
+    failed = None
+    try:
+        if accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        _write_export(accelerator, model, tokenizer, staging)
+        if accelerator.is_main_process:
+            for p in staging.rglob("*"):  # on disk before the renames that publish them
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        os.fsync(f.fileno())
+    except Exception as e:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
+        failed = e
+    if isinstance(failed, CheckpointError) and accelerator.is_main_process:
+        _publish(staging, out)  # the LoRA merge was refused (main process): the adapter is whole, publish it
+    agree_on_write(accelerator, failed, staging)  # collective: every rank stops the same way
+    if accelerator.is_main_process:
+        _publish(staging, out)
+    accelerator.wait_for_everyone()
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Main process: move what `staging` holds into `out`, the weights last (a reader that finds the new
+    weights finds the config and tokenizer that go with them)."""
+    from .checkpoint import fsync_dir, readable_as_umask_allows
+
+    readable_as_umask_allows(staging.rglob("*"))
+    for p in sorted(staging.iterdir(), key=lambda p: (".safetensors" in p.name, p.name)):
+        target = out / p.name
+        if p.is_dir() and target.is_dir():  # an earlier export's adapter/: out of the way first
+            old = out / f".{p.name}.old-export"
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            p.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(p, target)
+    staging.rmdir()
+    fsync_dir(out)
+
+
+def _write_export(accelerator, model, tokenizer, folder: Path) -> None:
+    """Collective: what `export_model` publishes, written into `folder`."""
     unwrapped = accelerator.unwrap_model(model)
     if lora.is_peft(unwrapped):
-        save_adapter(accelerator, model, Path(output_dir) / lora.ADAPTER_DIR)
+        save_adapter(accelerator, model, folder / lora.ADAPTER_DIR)
         if lora.merge_at_export(unwrapped):
             state_dict = accelerator.get_state_dict(model)  # all ranks: consolidates ZeRO-3 / FSDP2 shards
             if accelerator.is_main_process:
@@ -300,18 +354,12 @@ def export_model(accelerator, model, tokenizer, output_dir: str | Path) -> None:
                     merged = lora.merged_model(unwrapped, state_dict)
                 except ValueError as e:
                     raise CheckpointError(f"Could not merge the LoRA adapter for the export: {e}. The adapter is "
-                                          f"in {str(Path(output_dir) / lora.ADAPTER_DIR)!r}.") from None
+                                          f"in {str(folder.parent / lora.ADAPTER_DIR)!r}.") from None  # published
                 del state_dict
-                merged.save_pretrained(output_dir, safe_serialization=True)
+                merged.save_pretrained(folder, safe_serialization=True)
     else:
         state_dict = accelerator.get_state_dict(model)  # all ranks: consolidates ZeRO-3 / FSDP2 shards
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     if accelerator.is_main_process and tokenizer is not None:
-        tokenizer.save_pretrained(output_dir)
-    if accelerator.is_main_process:
-        from .checkpoint import readable_as_umask_allows  # checkpoint imports this module: import here
-
-        out = Path(output_dir)
-        readable_as_umask_allows([*out.glob("*"), *(out / lora.ADAPTER_DIR).glob("*")])
-    accelerator.wait_for_everyone()
+        tokenizer.save_pretrained(folder)

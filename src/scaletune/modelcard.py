@@ -13,6 +13,8 @@ from typing import Optional
 
 def hyperparameters(cfg, world_size: int) -> dict:
     """The hyperparameters Trainer's card lists, under its names."""
+    from .distributed import effective_mixed_precision
+
     t = cfg.training
     out = {
         "learning_rate": t.learning_rate,
@@ -25,11 +27,14 @@ def hyperparameters(cfg, world_size: int) -> dict:
         "total_train_batch_size": t.global_batch_size(world_size),
         "optimizer": f"{t.optim} with betas=({t.adam_beta1},{t.adam_beta2}) and epsilon={t.adam_epsilon}",
         "lr_scheduler_type": t.lr_scheduler_type,
-        "lr_scheduler_warmup_steps": t.warmup_steps,
+        # A fraction of the steps under the name Trainer gave fractions (warmup_ratio), a step count as steps.
+        **({"lr_scheduler_warmup_ratio": t.warmup_steps} if 0 < t.warmup_steps < 1
+           else {"lr_scheduler_warmup_steps": int(t.warmup_steps)}),
         "training_steps" if t.max_steps > 0 else "num_epochs": t.max_steps if t.max_steps > 0 else t.num_train_epochs,
     }
-    if t.mixed_precision:
-        out["mixed_precision_training"] = t.mixed_precision
+    precision = effective_mixed_precision(t)  # also when the Accelerate config chose it (fp16 on CPU is refused)
+    if precision != "no":
+        out["mixed_precision_training"] = precision
     if t.label_smoothing_factor:
         out["label_smoothing_factor"] = t.label_smoothing_factor
     return out
@@ -39,8 +44,8 @@ def write_model_card(folder: str | Path, cfg, model, log_history: list, world_si
                      best_step: Optional[int], stop_reason: str) -> Path:
     from transformers.modelcard import TrainingSummary, parse_log_history
 
-    m, d = cfg.model, cfg.data
-    finetuned_from = getattr(model.config, "_name_or_path", None) or m.model_name_or_path
+    d = cfg.data
+    finetuned_from, named = base_model(cfg, model)
     dataset = d.dataset_name or d.train_file
     # Trainer's parser starts the table at its end-of-training summary entry (train_runtime); ours has none.
     _, eval_lines, eval_results = parse_log_history([*log_history, {"train_runtime": None}])
@@ -50,6 +55,9 @@ def write_model_card(folder: str | Path, cfg, model, log_history: list, world_si
         eval_lines=eval_lines, hyperparameters=hyperparameters(cfg, world_size), source="trainer")
     card = summary.to_model_card().replace("generated automatically by the Trainer",
                                            "generated automatically by scaletune")
+    if named:  # TrainingSummary calls a model without a Hub id "trained from scratch"
+        card = card.replace("This model was trained from scratch on ",
+                            f"This model is a fine-tuned version of {named} on ")
     if best_metric is not None:
         metric = cfg.training.metric_for_best_model or "loss"
         card += (f"\n### Best checkpoint\n\n- {metric}: {best_metric:.4g} at step {best_step}"
@@ -58,6 +66,33 @@ def write_model_card(folder: str | Path, cfg, model, log_history: list, world_si
     path = Path(folder) / "README.md"
     path.write_text(card)
     return path
+
+
+def base_model(cfg, model) -> tuple[Optional[str], Optional[str]]:
+    """(the Hub id the card links as base_model, or None; how the card names a base model that is not on the Hub:
+    a local folder by its name, a packaged asset by its `packaged:` name). (None, None): trained from scratch."""
+    from .assets import is_packaged, model_path
+
+    given = cfg.model.model_name_or_path
+    name = getattr(model.config, "_name_or_path", None) or given
+    if not name:
+        return None, None
+    if is_packaged(name):
+        return None, f"{name} (a model packaged with scaletune)"
+    if Path(name).expanduser().exists():  # as Trainer: a folder is no Hub id
+        if given and is_packaged(given) and _same_folder(name, lambda: model_path(given)):
+            return None, f"{given} (a model packaged with scaletune)"
+        return None, f"{Path(name).name} (a local model)"
+    return name, None
+
+
+def _same_folder(path: str, asset_folder) -> bool:
+    from .errors import ScaletuneError
+
+    try:
+        return Path(path).resolve() == Path(asset_folder()).resolve()
+    except ScaletuneError:  # the asset is not installed (the user's own model was trained): not its folder
+        return False
 
 
 def _card_task(task: str) -> Optional[str]:

@@ -2,7 +2,8 @@
 
 Predictions for new data with a model exported by `scaletune.train` -- the tutorial's `trainer.predict(test)`
 step as a command. The run's own `config.yaml`, saved in the model folder, supplies the task, the text and
-label columns, the maximum length and the label settings, so none of them is repeated here. Classification:
+label columns, the maximum length and the label settings, so none of them is repeated here; the text columns are
+those the run resolved (its `resolved:` section), and a file without them is refused. Classification:
 one row per example with its id, the predicted label and every label's probability; regression: the value;
 multi-label: the label set and every label's probability; token classification: the words with their
 predicted tags in CoNLL form. When the file has labels, the metrics of the run's test pass are printed too.
@@ -70,13 +71,17 @@ def run_prediction(model_dir: str, test_file: str, output_file: Optional[str] = 
                  if v is not None}
     if task_name == "token_classification" and text_column_names is not None:
         overrides["text_column_name"] = overrides.pop("text_column_names")  # the words column
+    trained = _trained_columns(run, task_name, test_file) if text_column_names is None else ()
+    if trained:  # the columns the run read, not a new detection on this file (which may find other ones)
+        overrides["text_column_name" if task_name == "token_classification" else "text_column_names"] = \
+            ",".join(trained)
     output_file = output_file or str(Path(model_dir) / ("predictions_new.conll" if task_name == "token_classification"
                                                         else "predictions_new.csv"))
     cfg = _prediction_config(model_dir, test_file, task_name, run, overrides, batch_size)
     labels = _label_names(model_config)
     if task_name == "token_classification":
-        return _predict_tokens(model_dir, cfg, labels, output_file, batch_size)
-    return _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_size)
+        return _predict_tokens(model_dir, cfg, labels, output_file, batch_size, trained)
+    return _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_size, trained)
 
 
 # --------------------------------------------------------------------------- what the run saved
@@ -109,6 +114,31 @@ def _read_run_config(model_dir: str) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path} does not hold a mapping of config keys; restore it or delete it.")
     return values
+
+
+def _trained_columns(run: dict, task_name: str, test_file: str) -> tuple:
+    """The text columns the run resolved (its config.yaml's `resolved:` section), or () when it recorded none
+    (a run before the record, a plain `save_pretrained` folder). A CoNLL file's columns are named by its reader."""
+    from .config import RESOLVED_SECTION
+
+    if task_name == "token_classification":
+        from .tasks.token_classification import is_conll_file
+
+        if is_conll_file(test_file):
+            return ()
+    return tuple((run.get(RESOLVED_SECTION) or {}).get("text_columns") or ())
+
+
+def _check_trained_columns(columns: list, trained: tuple, test_file: str) -> None:
+    """Before the model loads: a file without a column the model was trained on is refused, not read otherwise."""
+    from .errors import DataError
+
+    missing = [c for c in trained if c not in columns]
+    if missing:
+        raise DataError(f"{test_file!r} has no {', '.join(repr(c) for c in missing)} column, and the model was "
+                        f"trained on text column(s) {', '.join(trained)}; add {'it' if len(missing) == 1 else 'them'}"
+                        f" to the file, or name the file's own column(s) with --text_column_names (its columns: "
+                        f"{', '.join(columns)}).")
 
 
 def _task_name(run: dict, model_config: dict) -> str:
@@ -152,8 +182,9 @@ def _device():
 
 
 def _load(auto_class, model_dir: str):
-    model = auto_class.from_pretrained(model_dir).to(_device()).eval()
-    return model
+    from .model_source import load_exported
+
+    return load_exported(auto_class, model_dir).to(_device()).eval()
 
 
 def _prepare_output(output_file: str) -> None:
@@ -163,7 +194,7 @@ def _prepare_output(output_file: str) -> None:
 # --------------------------------------------------------------------------- classification, regression, multi-label
 
 
-def _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_size) -> Prediction:
+def _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_size, trained=()) -> Prediction:
     from transformers import AutoTokenizer
 
     from .data import check_files, load_raw_datasets
@@ -172,6 +203,7 @@ def _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_siz
     check_files(cfg)
     raw = load_raw_datasets(cfg)
     rows = raw["test"]
+    _check_trained_columns(rows.column_names, trained, cfg.data.test_file)
     task = get_task(task_name)
     text_cols = task.text_columns(rows.column_names, cfg)
     targets = _sequence_targets(task, raw, cfg, labels)
@@ -253,7 +285,7 @@ def _plain(v):
 # --------------------------------------------------------------------------- token classification
 
 
-def _predict_tokens(model_dir, cfg, labels, output_file, batch_size) -> Prediction:
+def _predict_tokens(model_dir, cfg, labels, output_file, batch_size, trained=()) -> Prediction:
     import datasets
     from transformers import AutoTokenizer
 
@@ -268,6 +300,7 @@ def _predict_tokens(model_dir, cfg, labels, output_file, batch_size) -> Predicti
     else:
         check_files(cfg)
         raw = load_raw_datasets(cfg)
+        _check_trained_columns(raw["test"].column_names, trained, cfg.data.test_file)
     task = get_task("token_classification")
     task.fixed_labels = labels
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

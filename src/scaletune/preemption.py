@@ -2,11 +2,13 @@
 
 Ctrl-C is a preemption too: the first SIGINT checkpoints at the agreed step and the run exits with 130 and a
 one-line resume hint; a second SIGINT aborts at once (exit 130, no traceback; the last complete checkpoint
-stays the one to resume).
+stays the one to resume). A signal after the last update has no update left to stop after: the run says that
+it is finishing (final evaluation, export, predictions) and does so, exit 0; a second Ctrl-C still aborts.
 
 Interface used by the loop and train.py (keep it stable):
     watcher = PreemptionWatcher(); watcher.install()      # signal handling (every rank)
     watcher.should_stop(accelerator) -> bool              # collective (all ranks call it after every update)
+    watcher.training_over()                               # no update follows: a signal no longer stops the run
     requeue_if_slurm(accelerator)                         # collective, after the checkpoint: `scontrol requeue`
 
 Who gets the signal. Slurm signals every process of the job step on every node: with `--signal=USR1@N` (no
@@ -54,6 +56,8 @@ class PreemptionWatcher:
         self.signals = tuple(signals)
         self.requested = False
         self.signal_name: Optional[str] = None
+        self.over = False
+        """No update follows (training ended without a stop, or there was none): a signal cannot stop the run."""
         self._previous: dict = {}
 
     def install(self) -> None:
@@ -98,19 +102,39 @@ class PreemptionWatcher:
             os.write(2, b"scaletune: second interrupt; aborting now. Resume with --resume_from_checkpoint latest "
                         b"(the last complete checkpoint).\n")
             os._exit(130)
-        self.requested = True
+        self.requested = True  # before reading `over`: see training_over
         self.signal_name = signal.Signals(signum).name
-        if first:
+        if not first:
+            return
+        if self.over:
+            self._say_finishing()
+        else:
             # os.write, not print: a handler may run while print() is already writing (reentrant call error).
-            rank = os.environ.get("RANK", "0")
-            os.write(2, f"scaletune: rank {rank} received {self.signal_name}; will checkpoint after the current "
+            os.write(2, f"scaletune: rank {_rank()} received {self.signal_name}; will checkpoint after the current "
                         f"update and stop.\n".encode())
+
+    def training_over(self) -> None:
+        """No update follows (called once training ended without a stop): from now on a signal is answered with
+        the truth -- the run finishes its final evaluation, export and predictions.
+
+        A signal that came after the last stop agreement but before this call was promised a checkpoint and stop
+        that will not happen: it is corrected here. `requested` is set before the handler reads `over` and read
+        here after `over` is set, so a promise is never left uncorrected (at worst the truth is said twice).
+        """
+        self.over = True
+        if self.requested:
+            self._say_finishing()
+
+    def _say_finishing(self) -> None:
+        again = " Ctrl-C again to abort now." if self.signal_name == "SIGINT" else ""
+        os.write(2, f"scaletune: rank {_rank()} received {self.signal_name} after the last update: training is "
+                    f"over, finishing the final evaluation, export and predictions.{again}\n".encode())
 
     def should_stop(self, accelerator) -> bool:
         """Collective: True on every rank if any rank was signalled. Call after every optimizer update."""
         from .distributed import all_agree
 
-        if not all_agree(accelerator, self.requested):  # one scalar all-reduce per update
+        if not all_agree(accelerator, self.requested):  # one host all-reduce per update, no device sync
             return False
         # The stop is agreed; agree on its cause too (only once), so every rank exits with the same code.
         if all_agree(accelerator, self.signal_name == "SIGINT"):
@@ -118,6 +142,10 @@ class PreemptionWatcher:
         elif self.signal_name is None:
             self.signal_name = "SIGTERM"  # another rank was signalled (USR1 or TERM): the same exit code
         return True
+
+
+def _rank() -> str:
+    return os.environ.get("RANK", "0")
 
 
 def _term_with_launcher() -> None:

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .errors import ConfigError, DataError
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -39,11 +41,13 @@ def resolve_plan(args, batches_per_epoch: Optional[int]) -> Plan:
     ga = args.gradient_accumulation_steps
     if batches_per_epoch is None:
         if args.max_steps <= 0:
-            raise ValueError("A dataset of unknown length needs max_steps > 0.")
+            raise ConfigError("A streamed dataset has no length, so num_train_epochs cannot be turned into steps: "
+                              "set max_steps > 0.")
         updates_per_epoch = None
     else:
         if batches_per_epoch == 0:
-            raise ValueError("The training set yields no batch on this rank; use a smaller batch size or more data.")
+            raise DataError("The training set yields no batch on this rank: use a smaller per_device_train_batch_size "
+                            "(or dataloader_drop_last false), more data, or fewer processes.")
         updates_per_epoch = math.ceil(batches_per_epoch / ga)  # §1: a short last window still updates
     if args.max_steps > 0:
         max_steps = args.max_steps
@@ -70,7 +74,7 @@ def warmup_steps(value: float, max_steps: int) -> int:
 def check_best_model_cadence(args, plan: Plan) -> None:
     """§7, checked again after fractional intervals are resolved against max_steps."""
     if args.load_best_model_at_end and args.eval_strategy == "steps" and plan.save_steps % plan.eval_steps:
-        raise ValueError(
+        raise ConfigError(
             f"load_best_model_at_end needs save_steps to be a multiple of eval_steps; they resolve to "
             f"save_steps={plan.save_steps} and eval_steps={plan.eval_steps}: set save_steps={plan.eval_steps}."
         )

@@ -11,13 +11,13 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
 from .distributed import all_agree, clip_gradients, is_deepspeed
 from .errors import DataError
-from .evaluation import model_inputs
+from .fast_path import step_loss_function
 from .losses import ItemLoss
 from .state import TrainingState
 from .throughput import ThroughputMeter
@@ -136,9 +136,10 @@ class Update:
     """This rank's share of the window's mean loss (on device: summing over ranks gives the window's loss)."""
     grad_norm: Optional[torch.Tensor]
     learning_rate: float
-    finite: bool
-    """False when the loss or gradient norm was NaN/inf on some rank (agreed); the update was then not applied
-    where that is possible (outside DeepSpeed, which steps inside backward)."""
+    finite: Optional[bool]
+    """on_nonfinite=skip: False when the loss or gradient norm was NaN/inf on some rank (agreed), and the update
+    was then not applied. None otherwise: the flag stays on the device (`Stepper.nonfinite`) until the loop's
+    next read point, so that an update reads nothing from the device."""
     tokens: torch.Tensor
     """Non-padding input tokens of this rank's window (on device: counting costs no sync)."""
 
@@ -158,9 +159,12 @@ class Stepper:
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loss: ItemLoss, meter: ThroughputMeter,
-                 max_grad_norm: float, schedule_metric: Optional[str] = None, check_finite: bool = True):
+                 max_grad_norm: float, schedule_metric: Optional[str] = None, skip_nonfinite: bool = False,
+                 step_loss: Optional[Callable] = None):
         """`schedule_metric`: the evaluation metric a metric-driven schedule (reduce_lr_on_plateau) steps on,
-        at each evaluation instead of once per update."""
+        at each evaluation instead of once per update. `skip_nonfinite` (on_nonfinite=skip): decide on the host,
+        once per update, whether to apply it; otherwise a non-finite update is noted on the device and the loop
+        stops at its next read point (`NonFiniteWatch`)."""
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -169,7 +173,10 @@ class Stepper:
         self.meter = meter
         self.max_grad_norm = max_grad_norm
         self.schedule_metric = schedule_metric
-        self.check_finite = check_finite
+        self.skip_nonfinite = skip_nonfinite
+        self.nonfinite = NonFiniteWatch(accelerator.device)
+        # (batch, window items) -> the micro-batch's loss sum: forward + loss, compiled on the fast path.
+        self.step_loss = step_loss or step_loss_function(model, loss)
         self.deepspeed = is_deepspeed(accelerator)
         # fp16 overflow shows as an infinite grad norm and is the grad scaler's business (it skips the step).
         self.overflow_is_expected = accelerator.mixed_precision == "fp16"
@@ -180,7 +187,7 @@ class Stepper:
         (transformers issue 47688)."""
         acc, model = self.accelerator, self.model
         local_items = sum(self.loss.count(b["labels"]) for b in window)
-        # Host-device sync point: the window's item count must be known before the first backward.
+        # A collective (not a host read): the window's item count over ranks, before the first backward.
         global_items = acc.reduce(local_items.detach().clone().to(acc.device), reduction="sum").clamp(min=1)
         # DDP averages gradients over ranks and accelerate/DeepSpeed divide the loss by the accumulation
         # steps; undo both so the gradient is d(sum of losses)/d(theta) / global_items.
@@ -193,20 +200,26 @@ class Stepper:
             # DeepSpeed syncs at the boundary it is told about (sync_gradients above); DDP needs no_sync.
             no_sync = not last and not self.deepspeed
             with acc.no_sync(model) if no_sync else contextlib.nullcontext():
+                # A host int for a padding-free row (torch.tensor(n, device=cuda) would be a blocking copy).
                 batch_tokens = (batch["attention_mask"].sum() if "attention_mask" in batch
-                                else torch.tensor(batch["input_ids"].numel(), device=acc.device))
+                                else batch["input_ids"].numel())
                 tokens += batch_tokens
                 self.meter.add_batch(examples_in(batch), batch_tokens)
-                outputs = model(**model_inputs(batch))
-                loss_sum = self.loss.batch_sum(outputs, batch["labels"], global_items)
+                loss_sum = self.step_loss(batch, global_items)
                 acc.backward(loss_sum * scale)
             step_loss += loss_sum.detach() / global_items
         # The norm before clipping; with clipping off it is still measured and logged, as Trainer does.
         grad_norm = clip_gradients(acc, model.parameters(),
                                    self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate this update uses (Trainer logs it so)
-        finite = not self.check_finite or self._all_finite(step_loss, grad_norm)
-        if finite:
+        bad = self._nonfinite(step_loss, grad_norm)
+        finite = None
+        if self.skip_nonfinite:
+            # Host-device sync point (on_nonfinite=skip only): applying the update or not is decided on the host.
+            finite = not all_agree(self.accelerator, bool(bad.item()))
+        else:
+            self.nonfinite.note(bad)
+        if finite is not False:
             self.optimizer.step()
             # An fp16 overflow skipped the update: keep the schedule (§18).
             if not acc.optimizer_step_was_skipped and self.schedule_metric is None:
@@ -220,10 +233,46 @@ class Stepper:
         if self.schedule_metric is not None:
             self.scheduler.step(metrics[self.schedule_metric])
 
-    def _all_finite(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> bool:
-        """Collective: every rank agrees whether any rank saw a non-finite loss (or gradient norm)."""
+    def _nonfinite(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> torch.Tensor:
+        """This rank's flag, on the device: the loss (or, outside fp16, the gradient norm) is NaN or infinite."""
         bad = ~torch.isfinite(loss)
         if grad_norm is not None and not self.overflow_is_expected:
             bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
-        # Host-device sync point: one flag per update, OR-ed over ranks.
-        return not all_agree(self.accelerator, bool(bad.item()))
+        return bad
+
+
+class NonFiniteWatch:
+    """Non-finite updates noted on the device and read at the loop's read points (logging, evaluation, a save,
+    the end): on a GPU, reading the flag after every update would make the host wait for each update to finish
+    before it can queue the next one.
+
+    An update noted here was applied (on_nonfinite=stop): the run stops at the next read point, before anything
+    evaluates, saves or exports the weights it made, so no checkpoint, best model or export ever holds them."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        """The index (since the last read) of the first non-finite update, or NONE."""
+        self.index = torch.zeros((), dtype=torch.int64, device=device)
+        self.noted = 0
+        """Updates noted since the last read (the host's count of `index`)."""
+
+    def note(self, bad: torch.Tensor) -> None:
+        self.first = torch.where(bad & (self.first == self.NONE), self.index, self.first)
+        self.index += 1
+        self.noted += 1
+
+    def read(self, accelerator: Accelerator, step: int) -> Optional[int]:
+        """Collective. The global step of the first non-finite update on any rank since the last read (`step`
+        is the current one), or None."""
+        if not self.noted:
+            return None
+        # Host-device sync point: once per read point (min over ranks = -max of the negated indices).
+        first = int(-accelerator.reduce(-self.first, reduction="max").item())
+        self.first.fill_(self.NONE)
+        self.index.zero_()
+        bad_step = step - self.noted + first + 1 if first != self.NONE else None
+        self.noted = 0
+        return bad_step

@@ -229,6 +229,11 @@ class ThroughputMeter:
         """Collective: every rank must call it at the same step. Returns the same dict on all ranks."""
         mem_key, mem = self._local_peak_memory()
         device = self.accelerator.device
+        if device.type == "cuda":
+            # The step clock is the host's, and on a GPU the host runs ahead of the work it queues: the wait
+            # until the queued updates have run belongs to them. (The loss read before this already waited.)
+            torch.cuda.synchronize(device)  # Host-device sync point: once per log interval
+            self.busy += time.perf_counter() - self._last_step_end
         # float64: token counts stay exact far beyond float32's 2**24 (MPS has no float64).
         dtype = torch.float32 if device.type == "mps" else torch.float64
         sums = torch.tensor(

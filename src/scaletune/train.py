@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .config import Config, ConfigError, ConfigSource, load_config
+from .config import RESOLVED_SECTION, Config, ConfigError, ConfigSource, load_config
 from .dropin import UserParts
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[Path]:
     """Checks that need no model or data loading: bad input fails in seconds, nothing is overwritten."""
     from . import checkpointer, data, lora
     from .distributed import deepspeed_requested
+    from .model_source import check_sources
     from .schedule import metric_key
     from .tasks import get_task
     from .tracking import check_report_to
@@ -77,6 +78,7 @@ def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[Path]:
         raise ConfigError(f"The {type(user.model).__name__} passed to run() has no trainable parameters (all "
                           f"frozen), so training cannot change it: unfreeze some, or set do_train=false.")
     data.check_files(cfg)
+    check_sources(cfg.model, needs_model=user.model is None)  # before the output dir is made
     lora.preflight(cfg)
     return checkpointer.preflight(t)
 
@@ -114,7 +116,7 @@ def run(args: ConfigSource = None, *, model=None, processing_class=None, train_d
     """
     cpu_allocator_defaults()
     from . import dropin
-    from .checkpointer import release_lock
+    from .lock import release_lock
 
     user = dropin.UserParts(model=model, processing_class=processing_class, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, test_dataset=test_dataset, data_collator=data_collator,
@@ -149,16 +151,16 @@ def run(args: ConfigSource = None, *, model=None, processing_class=None, train_d
 def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult:
     import yaml
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
     from . import data, dropin, schedule
-    from .assets import model_path
     from .checkpointer import Checkpointer, check_resume_compatible
     from . import lora
     from .distributed import build_accelerator, configure_model
     from .evaluation import Evaluator
+    from .fast_path import build_step_loss
     from .loop import Loop, fit
     from .losses import ComputeLossFunc
+    from .model_source import check_hub_kernels, hub_kernels_off, load_tokenizer
     from .optim import METRIC_SCHEDULES, build_optimizer, build_scheduler, reapply_schedule
     from .preemption import PreemptionWatcher, requeue_if_slurm
     from .state import TrainingState
@@ -170,6 +172,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     t, d, m = cfg.training, cfg.data, cfg.model
     accelerator = build_accelerator(cfg)
     set_tf32(t.tf32)
+    check_fp16_autocast(accelerator)
     quiet_other_ranks(accelerator)
     watcher = PreemptionWatcher()
     watcher.install()  # early: a preemption during data loading stops after the first update, with a checkpoint
@@ -184,8 +187,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
         if not source:
             raise ConfigError("run(model=...) was given no processing_class, and the data must be tokenized: pass "
                               "processing_class=<tokenizer> or set tokenizer_name.")
-        tokenizer = AutoTokenizer.from_pretrained(model_path(source), cache_dir=m.cache_dir,
-                                                  revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+        tokenizer = load_tokenizer(m, source)
     if user.brings_data:
         prepared = dropin.user_prepared_data(task, tokenizer, cfg, accelerator.main_process_first,
                                              user.train_dataset, user.eval_dataset, user.test_dataset,
@@ -193,10 +195,19 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     else:
         raw = data.load_raw_datasets(cfg, streaming=d.streaming)
         prepared = task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first)
+    workers, why = data.dataloader_workers(t, user_collator=user.data_collator is not None)
+    if why:
+        accelerator.print(f"scaletune: dataloader workers: {why}", flush=True)
+    resolved = resolved_record(task, prepared, t, workers)
+    if prepared.text_columns:  # which columns auto-detection chose is said before the work that uses them
+        accelerator.print(f"scaletune: {task.name}: text columns {', '.join(prepared.text_columns)}"
+                          + (f", label column {prepared.label_column}" if prepared.label_column else ""), flush=True)
     if resume_path is not None:
         check_resume_compatible(resume_path, effective_config(cfg), accelerator.num_processes)
     set_seed(t.seed)  # the head's init does not depend on how much randomness data loading used
     model = user.model if user.model is not None else task.build_model(cfg, prepared, tokenizer)
+    if not m.use_hub_kernels:  # before anything calls train()/eval(), which would kernelize
+        hub_kernels_off(model)
     if d.padding_free:  # before training: a model that would attend across the packed examples is refused
         from .tasks.clm import check_packed_attention
 
@@ -214,7 +225,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
 
     def loader(split, training: bool, batch_size: int):
         collate = user.data_collator or dropin.default_collator(tokenizer, task, cfg, training)
-        return data.build_dataloader(split, collate, batch_size, training, t)
+        return data.build_dataloader(split, collate, batch_size, training, t, workers)
 
     train_dl = loader(prepared.train, True, t.per_device_train_batch_size) if t.do_train else None
     eval_dl = loader(prepared.validation, False, t.per_device_eval_batch_size) if prepared.validation else None
@@ -232,6 +243,8 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
         schedule.check_best_model_cadence(t, plan)
     scheduler = build_scheduler(optimizer, t, plan) if plan else None
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if m.use_hub_kernels:  # on the training device, where the kernels are looked up
+        check_hub_kernels(accelerator.unwrap_model(model))
 
     config_yaml = yaml.safe_dump(effective_config(cfg), sort_keys=False)
     checkpointer = Checkpointer(accelerator, t, model, tokenizer, config_yaml)
@@ -250,7 +263,11 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
                          resume_step=state.global_step if resume_path is not None else None)
     state.tracker_run_id = tracker.run_id
     if accelerator.is_main_process:
-        Path(t.output_dir, "config.yaml").write_text(config_yaml)
+        # The config as given (a resume compares it, a new run can start from it), then what the run resolved.
+        Path(t.output_dir, "config.yaml").write_text(
+            config_yaml + "# What this run resolved from its data and machine: read by scaletune.predict,\n"
+                          "# skipped when this file is read as a config.\n"
+            + yaml.safe_dump({RESOLVED_SECTION: resolved}, sort_keys=False))
 
     loss = ComputeLossFunc(user.compute_loss_func) if user.compute_loss_func else task.loss(cfg)
     # One evaluator for validation and test: the same loss, metrics and logit reduction.
@@ -260,7 +277,9 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     if t.do_train:
         stepper = Stepper(accelerator, model, optimizer, scheduler, loss, meter, t.max_grad_norm,
                           schedule_metric=schedule.metric_key(t.metric_for_best_model or "loss")
-                          if t.lr_scheduler_type in METRIC_SCHEDULES else None)
+                          if t.lr_scheduler_type in METRIC_SCHEDULES else None,
+                          skip_nonfinite=t.on_nonfinite == "skip",
+                          step_loss=build_step_loss(model, loss, t, accelerator.print))
         loop = Loop(args=t, data=train_data,
                     stepper=stepper, evaluator=evaluator if eval_dl is not None else None,
                     checkpointer=checkpointer, tracker=tracker, meter=meter, watcher=watcher)
@@ -279,6 +298,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
         requeued = requeue_if_slurm(accelerator)  # collective
         accelerator.end_training()
         return _result(cfg, state, checkpointer, {}, stop_reason, None, watcher.signal_name, requeued)
+    watcher.training_over()  # a signal from here on finds no update to stop after: the run says it finishes
     metrics, predictions_file, test_output = finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task,
                                                     test_dl, prepared, stop_reason)
     accelerator.end_training()
@@ -320,14 +340,41 @@ def finish(cfg, accelerator, state, checkpointer, evaluator, tracker, task, test
     return metrics, predictions_file, test_output
 
 
+def check_fp16_autocast(accelerator) -> None:
+    """fp16 where accelerate has no fp16 autocast (CPU) trains in fp32 while the config and the model card say
+    fp16: refused (Trainer 5.25 accepts it and trains in fp32 as silently). DeepSpeed runs fp16 itself (its
+    engine, not autocast)."""
+    from accelerate.utils import DistributedType
+
+    if (accelerator.mixed_precision == "fp16" and not accelerator.native_amp
+            and accelerator.distributed_type != DistributedType.DEEPSPEED):
+        raise ConfigError(f"fp16 mixed precision needs a GPU; on {accelerator.device.type} it would train in fp32: "
+                          f"use bf16 (--bf16 true; bf16 autocast runs on CPU), or drop fp16 (--fp16 / the "
+                          f"Accelerate config's mixed_precision).")
+
+
+def resolved_record(task, prepared, training, dataloader_workers: int) -> dict:
+    """What the run resolved rather than was given (detected columns, the task chosen from the labels, the label
+    set, the precision that runs, the dataloader workers per process): the `resolved:` section of the output
+    dir's config.yaml."""
+    from .distributed import effective_mixed_precision
+
+    labels = prepared.label_list
+    return {"task": task.name, "text_columns": list(prepared.text_columns), "label_column": prepared.label_column,
+            "label_names": [str(x) for x in labels] if labels is not None else None,
+            "mixed_precision": effective_mixed_precision(training), "dataloader_num_workers": dataloader_workers}
+
+
 def set_tf32(tf32: Optional[bool]) -> None:
-    """tf32 as Trainer: TF32 matmuls on Ampere or newer GPUs; None leaves torch's default."""
-    if tf32 is None:
-        return
+    """TF32 matmuls: as asked, else on for an Ampere or newer GPU (fast_path.resolve_tf32); a CPU run keeps
+    torch's default."""
     import torch
 
-    if tf32 and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8):
-        raise ConfigError("tf32=true needs an Ampere or newer NVIDIA GPU; this machine has none: unset tf32.")
+    from .fast_path import resolve_tf32
+
+    tf32 = resolve_tf32(tf32, torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
+    if tf32 is None:
+        return
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
 

@@ -50,6 +50,7 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
         "negative weight decay": ([*base, "--weight_decay", "-0.1"], "weight_decay"),
         "beta of one": ([*base, "--adam_beta1", "1"], "adam_beta1"),
         "unknown strategy": ([*base, "--eval_strategy", "sometimes"], "eval_strategy"),
+        "misspelt choice": ([*base, "--eval_strategy", "step"], "Did you mean 'steps'"),
         "unknown scheduler": ([*base, "--lr_scheduler_type", "cosine_restarts"], "lr_scheduler_type"),
         "unknown optimizer": ([*base, "--optim", "lion"], "optim"),
         "unknown task": ([*base, "--task", "summarization"], "task"),
@@ -71,6 +72,7 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
         "metric of another task": ([*base, "--eval_strategy", "steps", "--metric_for_best_model", "perplexity"],
                                    "metric_for_best_model"),
         "tf32 without a GPU": ([*base, "--tf32", "true"], "tf32"),
+        "fp16 without a GPU": ([*base, "--fp16", "true"], "fp16 mixed precision needs a GPU"),
         # data files (before the model loads)
         "missing train file": ([*base, "--train_file", str(Path(data["train_file"]).parent / "nope.csv")],
                                "does not exist"),
@@ -80,6 +82,16 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
         "wrong text column": ([*base, "--text_column_names", "review_body"], "review_body"),
         "wrong label column": ([*base, "--label_column_name", "sentiment"], "sentiment"),
         "Latin-1 file": ([*base, "--train_file", bad["latin1"], "--validation_file", bad["latin1"]], "latin1.csv"),
+        # the model and a Hub dataset (before the output dir is touched; HF_HUB_OFFLINE=1 in tests)
+        "model folder that does not exist": ([*base, "--model_name_or_path", str(Path(bad["json"]).parent / "nope")],
+                                             "no such folder"),
+        "model path that is a file": ([*base, "--model_name_or_path", bad["json"]], "is a file"),
+        "folder without a model": ([*base, "--model_name_or_path", str(Path(bad["json"]).parent)],
+                                   "without config.json"),
+        "Hub model offline, not cached": ([*base, "--model_name_or_path", "scaletune-tests/no-such-model"],
+                                          "nor in the Hub cache"),
+        "Hub dataset offline, not cached": ([*base, "--dataset_name", "scaletune-tests/no-such-data"],
+                                            "could not be loaded"),
         # the output dir and the checkpoint
         "fresh run into checkpoints": (fresh, "already holds checkpoints"),
         "changed batch size on resume": ([*base, "--per_device_train_batch_size", "4"],

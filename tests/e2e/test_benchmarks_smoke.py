@@ -52,7 +52,77 @@ def test_benchmark_runs_at_tiny_size_and_prints_its_ratios(name, tmp_path):
     for pattern in expected:
         assert re.search(pattern, proc.stdout), f"{pattern!r} not in the output of {name}:\n{proc.stdout[-3000:]}"
     if name == "gpu_suite":
-        assert (tmp_path / "results.md").read_text().count("\n| ") >= 6  # the table was written
+        rows = table_rows((tmp_path / "results.md").read_text())
+        assert len(rows) >= 5, rows  # the table was written
+        for row in rows:  # every measured row passes the clock's consistency check, and it can be recomputed
+            assert row["check"] == "ok" and row["error"] == "-", row
+            implied = number(row["tokens/s"]) * number(row["ms/update"]) / 1000
+            assert implied == pytest.approx(number(row["tokens/update"]), rel=0.02), row
+            assert row["repeats"] == "2" and row["data wait"].endswith("%"), row
+        assert number(next(r for r in rows if "checkpoint save" in r["case"])["save stall s"]) > 0
+
+
+def table_rows(markdown: str) -> list[dict]:
+    """The rows of the first markdown table in a results file, as {column: cell}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def test_the_clock_times_a_window_of_updates_and_counts_its_tokens():
+    """common.window_clock, on a toy loop: the window is updates start+1 .. end, trained on batches start ..
+    end-1; with every_update it also has one time per update."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    sys.path.insert(0, str(BENCH))
+    from common import window_clock
+
+    rows = [{"attention_mask": torch.tensor([1] * (i % 5 + 1) + [0] * (4 - i % 5))} for i in range(20)]
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with window_clock(3, 8, every_update=True) as window:
+        for batch in DataLoader(rows, batch_size=2):
+            model(batch["attention_mask"].float().sum(1, keepdim=True)).sum().backward()
+            optimizer.step()
+    record = window.record()
+    assert record["updates"] == 5 and len(record["gaps"]) == 5 and record["seconds"] > 0
+    assert record["seconds"] == pytest.approx(sum(record["gaps"]))
+    per_row = [i % 5 + 1 for i in range(20)]
+    assert record["tokens"] == sum(per_row[6:16]) and record["samples"] == 10  # batches 3..7
+
+
+def test_the_consistency_check_flags_the_unsynced_figures_of_issue_21():
+    """An unsynchronised clock gave bare 53.6 ms/update and 62k tokens/s at s128 b64 (8192 tokens an update
+    at most): the two cannot describe the same window."""
+    sys.path.insert(0, str(BENCH))
+    from common import consistent
+
+    assert not consistent({"ms/update": 53.6, "tokens/s": 62_000, "tokens/update": 8192})
+    assert not consistent({"ms/update": 32.7, "tokens/s": 243_000, "tokens/update": 8192})  # 3% off
+    assert consistent({"ms/update": 32.7, "tokens/s": 8192 / 0.0327, "tokens/update": 8192})
+
+
+def test_gpu_check_runs_its_parts_into_one_markdown_file(tmp_path):
+    """scripts/gpu_check.sh in its CPU mode: every part runs (tests/gpu skips without CUDA) and the file has
+    each part's section, the benchmark table and the summary."""
+    out = tmp_path / "check.md"
+    proc = run_cli(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu", "--tiny", "--out", str(out)],
+                   env={"PYTHON": sys.executable}, timeout=300, cwd=tmp_path)
+    text = out.read_text()
+    for section in ("# GPU check", "## Machine", "## tests/gpu", "## Benchmarks: benchmarks/gpu_suite.py",
+                    "## Checkpoint save stall: benchmarks/checkpoint_stall.py", "## Summary"):
+        assert f"\n{section}\n" in f"\n{text}", f"{section!r} missing from {out}:\n{text[-3000:]}"
+    assert re.search(r"torch \S+ ", text) and "skipped" in text  # versions; the GPU tier skips on CPU
+    assert re.search(r"\| scaletune \| 64 \| 8 \| no \| 1 \| .* \| ok \| - \|", text), text
+    assert re.search(rf"stall ratio background/synchronous: {NUMBER}", text)
+    summary = text.split("## Summary")[1]
+    assert summary.count("| ok |") == 4, summary
+    assert f"writing {out}" in proc.stdout
 
 
 def test_every_benchmark_script_has_a_smoke_run():

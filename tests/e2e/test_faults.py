@@ -106,6 +106,7 @@ def test_ctrl_c_checkpoints_and_the_resume_matches_an_uninterrupted_run(referenc
     assert m, describe(proc)
     step = int(m.group(1))
     assert 1 <= step < REF_STEPS, step
+    assert f"scaletune: run stopped at step {step}" in stdout and "run finished" not in stdout  # the end box
     assert "Traceback" not in stderr, stderr
     assert "scaletune: rank 0 received SIGINT" in stderr
     ckpt = out / f"checkpoint-{step}"

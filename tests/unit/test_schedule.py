@@ -87,3 +87,21 @@ def test_best_model_cadence_checked_after_fractions_resolve():
     a = args(max_steps=10, eval_strategy="steps", eval_steps=0.3, save_steps=0.5, load_best_model_at_end=True)
     with pytest.raises(ValueError, match="save_steps=3"):
         schedule.check_best_model_cadence(a, schedule.resolve_plan(a, 100))
+
+
+def test_every_bad_value_schedule_finds_is_a_one_line_scaletune_error():
+    """main prints a ScaletuneError as one line; schedule's plain ValueErrors reached the user as tracebacks."""
+    from types import SimpleNamespace
+
+    from scaletune.errors import ScaletuneError
+
+    args = SimpleNamespace(gradient_accumulation_steps=1, max_steps=0, num_train_epochs=1, eval_steps=None,
+                           logging_steps=1, save_steps=4, warmup_steps=0, load_best_model_at_end=True,
+                           eval_strategy="steps")
+    with pytest.raises(ScaletuneError, match="set max_steps > 0"):
+        schedule.resolve_plan(args, None)
+    with pytest.raises(ScaletuneError, match="yields no batch"):
+        schedule.resolve_plan(args, 0)
+    plan = schedule.resolve_plan(SimpleNamespace(**{**vars(args), "max_steps": 10, "eval_steps": 0.3}), 10)
+    with pytest.raises(ScaletuneError, match="save_steps=3"):
+        schedule.check_best_model_cadence(args, plan)

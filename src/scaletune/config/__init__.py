@@ -23,10 +23,11 @@ from .schema import (
     TaskName,
     TrainingArguments,
 )
-from .sources import ALIASES, ConfigSource, load_config, load_file, parse_cli, recipe_path, resolve_recipe
+from .sources import (ALIASES, RESOLVED_SECTION, ConfigSource, load_config, load_file, parse_cli, recipe_path,
+                      resolve_recipe)
 
 __all__ = [
     "ALIASES", "FIELD_GROUP", "FIELD_TYPE", "GROUPS", "Config", "ConfigError", "ConfigSource", "DataArguments",
-    "ModelArguments", "SchedulerType", "Strategy", "TaskName", "TrainingArguments", "field_docs", "help_text",
-    "load_config", "load_file", "parse_cli", "recipe_path", "reference_markdown", "resolve_recipe",
+    "ModelArguments", "RESOLVED_SECTION", "SchedulerType", "Strategy", "TaskName", "TrainingArguments",
+    "field_docs", "help_text", "load_config", "load_file", "parse_cli", "recipe_path", "reference_markdown", "resolve_recipe",
 ]

@@ -7,6 +7,7 @@ the rest of one line that starts with the key's name: the value as given, and th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import types
@@ -48,7 +49,7 @@ def type_problem(value, tp) -> Optional[str]:
     if typing.get_origin(tp) is Literal:
         choices = typing.get_args(tp)
         return None if value in choices and isinstance(value, str) else \
-            f"={value!r} is not one of {', '.join(choices)}{quote}."
+            f"={value!r} is not one of {', '.join(choices)}{quote}.{suggestion(value, choices)}"
     if tp is bool:
         return None if isinstance(value, bool) else f"={value!r} is not a valid bool: use true or false."
     if tp is int:
@@ -62,6 +63,13 @@ def type_problem(value, tp) -> Optional[str]:
     if tp is str:
         return None if isinstance(value, str) else f"={value!r} is not a valid str{quote}."
     return None  # report_to (str or list) is checked where it is normalised
+
+
+def suggestion(given, known) -> str:
+    """The hint after a misspelt key or choice, written once for both: the closest of `known` as
+    ` Did you mean 'x'?`, or an empty string when nothing is close."""
+    close = difflib.get_close_matches(str(given), list(known), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def require(obj, name: str, ok: bool, rule: str) -> None:

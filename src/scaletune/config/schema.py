@@ -68,6 +68,11 @@ class ModelArguments:
     """Attention kernel the model is loaded with (transformers' `attn_implementation`): `sdpa`, `eager`,
     `flex_attention`, `flash_attention_2`, `flash_attention_3` (CUDA, the `flash-attn` package) or a hub kernel
     (`kernels-community/...`); unset: transformers' default for the model (`sdpa` where supported)."""
+    use_hub_kernels: bool = False
+    """Let transformers swap layers for kernels from the Hub (`kernels-community/...`, transformers'
+    `use_kernels`). Off by default, for every model scaletune loads and every model passed to run(): with the
+    `kernels` package installed, transformers 5.25 turns them on and fetches them at the first evaluation on
+    a GPU (a traceback offline). On: resolved before training, or one line saying why they cannot be had."""
 
     def __post_init__(self):
         check_types(self)

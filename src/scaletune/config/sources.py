@@ -8,7 +8,6 @@ for a string instead of turning it into "True". Nothing here imports torch.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -16,12 +15,15 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import ConfigError
-from .checks import unwrap_optional
+from .checks import suggestion, unwrap_optional
 from .schema import FIELD_GROUP, FIELD_TYPE, GROUPS, Config
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # Older names people still type; mapped to the current TrainingArguments names.
 ALIASES = {"evaluation_strategy": "eval_strategy", "block_size": "max_seq_length"}
+RESOLVED_SECTION = "resolved"
+"""The section of the output dir's config.yaml where a run records what it resolved from the data and the
+machine (text columns, task, precision; scaletune.predict reads it). Not config: skipped when a file is read."""
 TRUE_WORDS = ("true", "1", "yes", "y", "on")
 FALSE_WORDS = ("false", "0", "no", "n", "off")
 
@@ -61,8 +63,7 @@ def canonical_key(key: str) -> str:
     key = str(key).replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in FIELD_GROUP:
-        close = difflib.get_close_matches(key, list(FIELD_GROUP), n=1, cutoff=0.6)
-        hint = f" Did you mean {close[0]!r}?" if close else " See the configuration reference in README.md."
+        hint = suggestion(key, FIELD_GROUP) or " See the configuration reference in README.md."
         raise ConfigError(f"Unknown config key {key!r}.{hint}")
     return key
 
@@ -163,6 +164,8 @@ def load_file(path: str | os.PathLike) -> dict:
         raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys to values.")
     flat: dict = {}
     for k, v in data.items():
+        if k == RESOLVED_SECTION:
+            continue  # a run's config.yaml used as a config: its record follows from the rest
         if k in GROUPS and isinstance(v, dict):
             flat.update(v)
         else:

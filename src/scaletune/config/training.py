@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from .checks import check_types
 from .checks import number_text as _num
 from .checks import require as _require
+from .checks import suggestion
 
 Strategy = Literal["no", "steps", "epoch"]
 NonFinitePolicy = Literal["stop", "skip"]
@@ -127,7 +128,8 @@ class TrainingArguments:
     bf16: bool = False
     """bfloat16 mixed precision (overrides the Accelerate config's mixed_precision)."""
     fp16: bool = False
-    """float16 mixed precision with loss scaling."""
+    """float16 mixed precision with loss scaling. Needs a GPU (or DeepSpeed): on CPU, where it would train in
+    fp32, it is refused; use `bf16`, which runs bf16 autocast on CPU."""
     resume_from_checkpoint: Optional[str] = None
     """`latest` (highest complete checkpoint in output_dir; fresh start if none) or a checkpoint path."""
     trust_checkpoint: bool = False
@@ -150,8 +152,11 @@ class TrainingArguments:
     """TensorBoard log dir (default: output_dir/runs)."""
     disable_tqdm: bool = False
     """No progress bar."""
-    dataloader_num_workers: int = 0
-    """Worker processes per dataloader (0: load in the main process)."""
+    dataloader_num_workers: Optional[int] = None
+    """Worker processes per dataloader (0: load in the training process). Unset: on a GPU, the CPUs this process
+    may use (its affinity: Slurm's allocation) divided by the processes on its node, less one, at most 4; 0 on
+    CPU, or with run()'s data_collator. Workers change no loss: the order is decided in the training process,
+    and a run with workers equals one without, and resumes exactly."""
     dataloader_pin_memory: bool = True
     """Pin host memory for faster copies to the GPU."""
     dataloader_drop_last: bool = False
@@ -183,9 +188,10 @@ class TrainingArguments:
     ddp_find_unused_parameters: Optional[bool] = None
     """DDP's find_unused_parameters (None: false, as Trainer for models without unused parameters)."""
     on_nonfinite: NonFinitePolicy = "stop"
-    """A NaN/inf loss or gradient norm (on any rank): `stop` ends the run naming the step, keeping the last good
-    checkpoint; `skip` drops that update and stops after max_skipped_updates. (fp16 overflow is the grad
-    scaler's business and not counted.)"""
+    """A NaN/inf loss or gradient norm (on any rank): `stop` ends the run at the next logging step, evaluation or
+    save (the flag stays on the device until then: no host sync per update), naming the step, keeping the last
+    good checkpoint; `skip` drops that update (deciding costs one host sync per update) and stops after
+    max_skipped_updates. (fp16 overflow is the grad scaler's business and not counted.)"""
     max_skipped_updates: int = 10
     """With on_nonfinite=skip: stop once more updates than this were dropped."""
     ddp_timeout: int = 600
@@ -218,7 +224,8 @@ class TrainingArguments:
         self.report_to = [t for t in value if t != "none"]
         for tracker in self.report_to:
             if tracker not in TRACKERS:
-                raise ConfigError(f"report_to contains {tracker!r}; use {', '.join(TRACKERS)} or none.")
+                raise ConfigError(f"report_to contains {tracker!r}; use {', '.join(TRACKERS)} or none."
+                                  f"{suggestion(tracker, (*TRACKERS, 'none'))}")
 
     def _check_ranges(self):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -251,7 +258,7 @@ class TrainingArguments:
         _require(self, "ddp_timeout", self.ddp_timeout >= 1, ">= 1 (seconds)")
         for name in ("weight_decay", "max_grad_norm", "eval_delay", "early_stopping_threshold",
                      "dataloader_num_workers"):
-            _require(self, name, getattr(self, name) >= 0, ">= 0")
+            _require(self, name, getattr(self, name) is None or getattr(self, name) >= 0, ">= 0")
         for name in ("adam_beta1", "adam_beta2"):
             _require(self, name, 0 <= getattr(self, name) < 1, "in [0, 1)")
         for name in ("seed", "data_seed"):

@@ -38,6 +38,11 @@ class PreparedData:
     """Identifiers written next to each prediction (an `id`/`idx` column when present, else the row index)."""
     info: dict = field(default_factory=dict)
     """Free-form facts worth logging (e.g. number of blocks, dropped tokens)."""
+    text_columns: tuple = ()
+    """The data columns the model reads, as resolved (given, or detected): recorded in the output dir's
+    config.yaml so that `scaletune.predict` reads the same ones from a new file. Empty for tokenized user data."""
+    label_column: Optional[str] = None
+    """The column the targets came from (token classification: the tags column it found)."""
 
 
 class Task:

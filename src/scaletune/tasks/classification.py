@@ -138,7 +138,7 @@ class ClassificationTask(Task):
         labels = self.label_list(raw, cfg)
         raw = self._strip_unlabelled_test(raw, cfg, labels)
         to_target = self.label_encoder(raw, cfg, labels)
-        prepared = PreparedData(label_list=labels)
+        prepared = PreparedData(label_list=labels, text_columns=text_cols, label_column=cfg.data.label_column_name)
         self._tokenize(raw, tokenizer, cfg, text_cols, to_target, prepared, main_process_first)
         return prepared
 
@@ -264,20 +264,13 @@ class ClassificationTask(Task):
 
     @_delegated
     def build_model(self, cfg, prepared: PreparedData, tokenizer):
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
-        from ..assets import model_path
+        from ..model_source import load_config, load_pretrained
 
-        m = cfg.model
-        config = AutoConfig.from_pretrained(
-            model_path(m.config_name or m.model_name_or_path), **self.model_config_kwargs(prepared),
-            cache_dir=m.cache_dir, revision=m.model_revision, trust_remote_code=m.trust_remote_code,
-        )
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_path(m.model_name_or_path), config=config, cache_dir=m.cache_dir, revision=m.model_revision,
-            trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
-            attn_implementation=m.attn_implementation, output_loading_info=True,
-        )
+        config = load_config(cfg.model, **self.model_config_kwargs(prepared))
+        model, info = load_pretrained(AutoModelForSequenceClassification, cfg.model, config=config,
+                                      output_loading_info=True)
         # Parameters the checkpoint did not provide (a new head): a task may initialise them (multilabel does).
         self.new_parameters = {k if isinstance(k, str) else k[0]
                                for k in (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))}

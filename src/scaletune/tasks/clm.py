@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..losses import IGNORE_INDEX, ItemLoss, row_cross_entropy
+from ..model_source import load_config
 from .base import PreparedData, Task
 from .text import (_column_names, _empty_split_message, _is_stream, _string_columns, _truncate, find_text_column,
                    group_texts, perplexity, resize_token_embeddings, resolve_max_seq_length)
@@ -224,17 +225,6 @@ def check_packed_attention(model) -> None:
 # --------------------------------------------------------------------------- the task
 
 
-def model_config(cfg):
-    """The architecture's config: `config_name` (from scratch, or instead of the weights' own), else the model's."""
-    from transformers import AutoConfig
-
-    from ..assets import model_path
-
-    m = cfg.model
-    return AutoConfig.from_pretrained(model_path(m.config_name or m.model_name_or_path), cache_dir=m.cache_dir,
-                                      revision=m.model_revision, trust_remote_code=m.trust_remote_code)
-
-
 class _Tokenize:
     """texts -> token ids (no special handling beyond the tokenizer's own, as run_clm.py). A class, not a
     closure, so the `datasets` cache key is the tokenizer and the settings."""
@@ -282,7 +272,7 @@ class CausalLMTask(Task):
         first = splits.get("train", next(iter(splits.values())))
         text_column = find_text_column(_column_names(first), d.text_column_name, _string_columns(first))
         block_size = resolve_max_seq_length(d.max_seq_length, tokenizer.model_max_length,
-                                            getattr(model_config(cfg), "max_position_embeddings", None))
+                                            getattr(load_config(cfg.model), "max_position_embeddings", None))
         if d.padding_free and not d.line_by_line:
             logger.warning("padding_free=true with grouped blocks (line_by_line=false): every block holds %d tokens, "
                            "so there is no padding to save, and under sdpa/eager attention the attention spans the "
@@ -313,7 +303,7 @@ class CausalLMTask(Task):
         test = out.get("test")
         return PreparedData(train=train, validation=out.get("validation"), test=test,
                             test_ids=list(range(len(test))) if test is not None and not _is_stream(test) else None,
-                            info=info)
+                            info=info, text_columns=(text_column,))
 
     @staticmethod
     def _count_blank(split: str, ds, text_column: str) -> None:
@@ -362,21 +352,17 @@ class CausalLMTask(Task):
     def build_model(self, cfg, prepared: PreparedData, tokenizer):
         from transformers import AutoModelForCausalLM
 
-        from ..assets import model_path
+        from ..model_source import load_pretrained
 
         m = cfg.model
-        config = model_config(cfg)
+        config = load_config(m)
         if m.model_name_or_path is None:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code,
                                                      attn_implementation=m.attn_implementation)
             logger.warning("Training a causal LM from scratch (%s, %.1fM parameters, random init).",
                            config.model_type, sum(p.numel() for p in model.parameters()) / 1e6)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_path(m.model_name_or_path), config=config, cache_dir=m.cache_dir, revision=m.model_revision,
-                trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
-                attn_implementation=m.attn_implementation,
-            )
+            model = load_pretrained(AutoModelForCausalLM, m, config=config)
         resize_token_embeddings(model, len(tokenizer))
         return model
 
@@ -436,9 +422,11 @@ def sample_continuations(model_dir: str, prompts: list[str], max_new_tokens: int
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..model_source import load_exported
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model = load_exported(AutoModelForCausalLM, model_dir).to(device).eval()
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out = []

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..assets import model_path
+from ..model_source import load_config
 from ..config import ConfigError
 from ..losses import SparseTokenCrossEntropy, labelled_first
 from .base import PreparedData, Task
@@ -185,16 +185,6 @@ class _ContentSeededMasking:
 # --------------------------------------------------------------------------- the task
 
 
-def _model_config(cfg):
-    from transformers import AutoConfig
-
-    m = cfg.model
-    return AutoConfig.from_pretrained(
-        model_path(m.config_name or m.model_name_or_path), cache_dir=m.cache_dir, revision=m.model_revision,
-        trust_remote_code=m.trust_remote_code,
-    )
-
-
 class MaskedLMTask(Task):
     """Masked-LM fine-tuning (`task: mlm`); metrics: eval_loss, perplexity, masked-token accuracy."""
 
@@ -223,7 +213,7 @@ class MaskedLMTask(Task):
         first = splits.get("train", next(iter(splits.values())))
         text_column = find_text_column(_column_names(first), d.text_column_name, _string_columns(first))
         block_size = resolve_max_seq_length(
-            d.max_seq_length, tokenizer.model_max_length, getattr(_model_config(cfg), "max_position_embeddings", None)
+            d.max_seq_length, tokenizer.model_max_length, getattr(load_config(cfg.model), "max_position_embeddings", None)
         )
 
         limits = {"train": d.max_train_samples, "validation": d.max_eval_samples, "test": d.max_predict_samples}
@@ -243,7 +233,7 @@ class MaskedLMTask(Task):
         test = out.get("test")
         test_ids = list(range(len(test))) if test is not None and not _is_stream(test) else None
         return PreparedData(train=out.get("train"), validation=out.get("validation"), test=test,
-                            test_ids=test_ids, info=info)
+                            test_ids=test_ids, info=info, text_columns=(text_column,))
 
     def _tokenize(self, ds, tokenizer, text_column, block_size, d, split):
         stream = _is_stream(ds)
@@ -275,13 +265,10 @@ class MaskedLMTask(Task):
     def build_model(self, cfg, prepared: PreparedData, tokenizer):
         from transformers import AutoModelForMaskedLM
 
+        from ..model_source import load_pretrained
+
         m = cfg.model
-        model, loading = AutoModelForMaskedLM.from_pretrained(
-            model_path(m.model_name_or_path), config=_model_config(cfg), cache_dir=m.cache_dir,
-            revision=m.model_revision, trust_remote_code=m.trust_remote_code,
-            ignore_mismatched_sizes=m.ignore_mismatched_sizes, attn_implementation=m.attn_implementation,
-            output_loading_info=True,
-        )
+        model, loading = load_pretrained(AutoModelForMaskedLM, m, config=load_config(m), output_loading_info=True)
         new_head = untrained_head_weights(loading.get("missing_keys", ()), model.base_model_prefix)
         if new_head:
             # Encoder-only checkpoints (e.g. the packaged MiniLM, a sentence encoder) ship no MLM head.

@@ -81,10 +81,12 @@ class TokenClassificationTask(Task):
             self._check_rows(split, ds, words_col, tags_col)
         labels = self._label_list(splits, tags_col)
         self.label_list = labels
-        to_ids = self._tag_encoder(splits, tags_col, labels)
+        to_ids = self._tag_encoder(splits, tags_col, labels,
+                                   lambda unknown: _cut_fix(unknown, cfg, splits.get("train"), words_col, tags_col))
         max_length = _max_length(d.max_seq_length, tokenizer, cfg)
         prepared = PreparedData(label_list=labels, info={"words_column": words_col, "tags_column": tags_col,
-                                                          "max_seq_length": max_length})
+                                                          "max_seq_length": max_length},
+                                text_columns=(words_col,), label_column=tags_col)
         encode = _Encoder(tokenizer, words_col, tags_col, to_ids, max_length, d.label_all_tokens, b_to_i_map(labels))
         with main_process_first():
             for split, ds in splits.items():
@@ -189,8 +191,10 @@ class TokenClassificationTask(Task):
         return sorted(values)
 
     @staticmethod
-    def _tag_encoder(splits: dict, tags_col: Optional[str], labels: list[str]) -> dict:
-        """tag (name, or ClassLabel id) -> id in `labels`; a tag outside `labels` in any split is an error."""
+    def _tag_encoder(splits: dict, tags_col: Optional[str], labels: list[str],
+                     cut_fix: Callable[[list], Optional[str]] = lambda unknown: None) -> dict:
+        """tag (name, or ClassLabel id) -> id in `labels`; a tag outside `labels` in any split is an error, which
+        lists every such tag and every training tag (`cut_fix`: the fix when max_train_samples left them out)."""
         to_id: dict = {lab: i for i, lab in enumerate(labels)}
         for split, ds in splits.items():
             if tags_col is None or tags_col not in ds.column_names:
@@ -204,8 +208,9 @@ class TokenClassificationTask(Task):
                 seen = {t for tags in ds[tags_col] for t in tags}
             unknown = sorted((t for t in seen if t not in to_id), key=str)
             if unknown:
-                raise DataError(f"The {split} split has tags {unknown[:5]} that are not among the {len(labels)} "
-                                f"training tags {labels[:12]}; fix the data or train on a split that has every tag.")
+                raise DataError(f"The {split} split has tags {unknown} that are not among the {len(labels)} "
+                                f"training tags {labels}; "
+                                f"{cut_fix(unknown) or 'fix the data or train on a split that has every tag'}.")
         return to_id
 
     @staticmethod
@@ -218,23 +223,14 @@ class TokenClassificationTask(Task):
 
     # ------------------------------------------------------------------ model
     def build_model(self, cfg, prepared: PreparedData, tokenizer):
-        from transformers import AutoConfig, AutoModelForTokenClassification
+        from transformers import AutoModelForTokenClassification
 
-        from ..assets import model_path
+        from ..model_source import load_config, load_pretrained
 
-        m = cfg.model
         labels = [str(x) for x in prepared.label_list]
-        config = AutoConfig.from_pretrained(
-            model_path(m.config_name or m.model_name_or_path), num_labels=len(labels),
-            id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
-            finetuning_task="ner", cache_dir=m.cache_dir, revision=m.model_revision,
-            trust_remote_code=m.trust_remote_code,
-        )
-        return AutoModelForTokenClassification.from_pretrained(
-            model_path(m.model_name_or_path), config=config, cache_dir=m.cache_dir, revision=m.model_revision,
-            trust_remote_code=m.trust_remote_code, ignore_mismatched_sizes=m.ignore_mismatched_sizes,
-            attn_implementation=m.attn_implementation,
-        )
+        config = load_config(cfg.model, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                             label2id={lab: i for i, lab in enumerate(labels)}, finetuning_task="ner")
+        return load_pretrained(AutoModelForTokenClassification, cfg.model, config=config)
 
     def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
         from transformers import DataCollatorForTokenClassification
@@ -343,6 +339,34 @@ class _Encoder:
         return enc
 
 
+def _cut_fix(unknown: list, cfg, train, words_col: str, tags_col: Optional[str]) -> Optional[str]:
+    """The fix when max_train_samples cut tags out of the training data (the whole training split has them),
+    else None. Only on the error path: the data is loaded again without the cut (from the `datasets` cache) and
+    trusted only if its first rows are exactly this run's training sentences (not so for run(train_dataset=))."""
+    import copy
+
+    from ..data import load_raw_datasets
+
+    limit = cfg.data.max_train_samples
+    if (train is None or limit is None or len(train) < limit or tags_col is None
+            or _classlabel_names(train.features[tags_col]) is not None  # named tags: every name is a label, cut or not
+            or (cfg.data.dataset_name is None and cfg.data.train_file is None)):
+        return None
+    whole_cfg = copy.deepcopy(cfg)
+    whole_cfg.data.max_train_samples = None
+    whole = _conll_splits(load_raw_datasets(whole_cfg), whole_cfg).get("train")
+    if whole is None or len(whole) <= limit or whole.select(range(limit))[words_col] != train[words_col]:
+        return None
+    in_whole = {t for tags in whole[tags_col] for t in tags}
+    cut = [t for t in unknown if t in in_whole]
+    if not cut:
+        return None
+    absent = [t for t in unknown if t not in in_whole]
+    return (f"max_train_samples={limit} keeps the first {limit} training sentences, and only later ones have "
+            f"{cut}: raise or unset max_train_samples" + (f" (no training sentence has {absent}: fix the data)"
+                                                          if absent else ""))
+
+
 def _classlabel_names(feature) -> Optional[list[str]]:
     inner = getattr(feature, "feature", None) if is_list_feature(feature) else None
     return list(inner.names) if inner is not None and hasattr(inner, "names") else None
@@ -358,16 +382,10 @@ def _id2label(model_config, fallback: list[str]) -> list[str]:
 def _max_length(requested: Optional[int], tokenizer, cfg) -> int:
     """max_seq_length, else the tokenizer's limit (run_ner.py); either capped by the model's position table, which
     a longer sentence would overrun in its first forward pass."""
-    from transformers import AutoConfig
+    from ..model_source import load_config
 
-    from ..assets import model_path
-
-    m = cfg.model
     limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else DEFAULT_MAX_LENGTH
-    positions = getattr(AutoConfig.from_pretrained(model_path(m.config_name or m.model_name_or_path),
-                                                   cache_dir=m.cache_dir, revision=m.model_revision,
-                                                   trust_remote_code=m.trust_remote_code),
-                        "max_position_embeddings", None)
+    positions = getattr(load_config(cfg.model), "max_position_embeddings", None)
     if positions:
         limit = min(limit, positions)
     if requested and requested > limit:

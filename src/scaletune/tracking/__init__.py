@@ -199,7 +199,9 @@ class RunTracker:
             curves = str(self.curves_path)
         except Exception as e:  # a plot must never cost the run its summary and tracker close
             curves = f"(not written: {type(e).__name__}: {e})"
-        written = {"metrics log": str(self.jsonl_path), "curves": curves, "tensorboard": self.tensorboard_dir}
+        # Only what exists: a run that never reached a logging step has written no metrics.jsonl.
+        written = {"metrics log": str(self.jsonl_path) if self.jsonl_path.exists() else None, "curves": curves,
+                   "tensorboard": self.tensorboard_dir}
         if self.wandb_run is not None:
             written["wandb"] = wandb_location(self.wandb_run)
             run = self.wandb_run

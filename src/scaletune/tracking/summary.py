@@ -43,7 +43,10 @@ def format_summary(summary: Mapping[str, Any], metric_for_best: Optional[str], w
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     rule = "=" * min(100, max(len(line) for line in lines))
-    return "\n".join([rule, "  scaletune: run finished", rule, *lines, rule])
+    # A preempted run (Ctrl-C, Slurm) stopped with a checkpoint to resume from: it did not finish.
+    title = (f"run stopped at step {summary.get('global_step')}" if summary.get("stop_reason") == "preempted"
+             else "run finished")
+    return "\n".join([rule, f"  scaletune: {title}", rule, *lines, rule])
 
 
 def _short(v: Any) -> str:
