@@ -87,7 +87,7 @@ if [ "$small" -eq 1 ]; then
   tests_limit=120; suite=(--tiny --cpu --repeats 1 --groups 1 --budget 60); suite_limit=150
   stall=(--tiny --saves 2); stall_limit=90
 else
-  tests_limit=150; suite=(--budget 180); suite_limit=250; stall=(); stall_limit=50
+  tests_limit=150; suite=(--budget 165); suite_limit=230; stall=(--bert-base --saves 3); stall_limit=70
 fi
 
 : > "$out"; : > "$out.log"

@@ -324,7 +324,7 @@ def build_dataloader(dataset, collator, batch_size: int, training: bool, args, n
         sampler = LengthGroupedSampler(sequence_lengths(dataset), batch_size, args.resolved_data_seed)
     # Otherwise shuffling goes through accelerate's seedable sampler (order = f(data_seed, epoch)), see
     # distributed.py. No generator of its own: starting an iterator draws a seed from the global RNG, as
-    # Trainer's loaders do, so the dropout stream matches Trainer's (tests/test_parity_loss.py);
+    # Trainer's loaders do, so the dropout stream matches Trainer's (tests/parity/test_parity_loss.py);
     # stepper.without_rng_draw keeps that draw out of a mid-epoch resume. The length-grouped sampler draws
     # nothing from the global RNG, but the iterator start still does, so that stays equal too.
     # Workers only collate: the sampler (the order, a resume's skip) stays in this process, and each iterator

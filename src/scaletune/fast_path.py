@@ -1,5 +1,6 @@
-"""The fast path: the training step's forward and loss compiled as one function, and the per-device defaults
-(TF32) that make a GPU run fast without changing what a CPU run computes.
+"""The fast path: the training step's forward and loss compiled as one function, liger's fused linear
+cross-entropy for causal LMs, and the per-device defaults (TF32) that make a GPU run fast without changing what
+a CPU run computes.
 
 `torch_compile` compiles `forward + loss` (not the model alone, as accelerate's TorchDynamoPlugin does), so the
 loss -- the log-softmax over the vocabulary for token tasks -- is fused with the head that produces its logits.
@@ -8,6 +9,7 @@ Evaluation stays eager: it runs the model, not this function.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Callable, Mapping, Optional
 
@@ -26,8 +28,19 @@ def compiles_step(training, env: Mapping[str, str] = os.environ) -> bool:
     return training.torch_compile and not (deepspeed_requested(env) or fsdp_requested(env))
 
 
-def step_loss_function(model, loss) -> Callable:
-    """A micro-batch's summed loss from (batch, window item count): the model's forward and the task loss."""
+def step_loss_function(model, loss, fused_loss: bool = False) -> Callable:
+    """A micro-batch's summed loss from (batch, window item count): the model's forward and the task loss.
+
+    `fused_loss`: the model computes the loss itself from its hidden states (liger's fused linear
+    cross-entropy, a chunk of rows at a time: no B x T x V logits). Given `num_items_in_batch` it returns the
+    sum over the next-token items divided by that count -- ShiftedCrossEntropy's numbers -- so times the
+    count is the sum the loop normalises (§17)."""
+    if fused_loss:
+        def fused_step_loss(batch: dict, window_items):
+            outputs = model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=window_items)
+            return outputs.loss * window_items
+
+        return fused_step_loss
 
     def step_loss(batch: dict, window_items):
         outputs = model(**model_inputs(batch))
@@ -38,7 +51,7 @@ def step_loss_function(model, loss) -> Callable:
 
 def build_step_loss(model, loss, training, print_fn: Callable = print) -> Callable:
     """The step's loss function, compiled when the config asks for it and the backend allows it."""
-    fn = step_loss_function(model, loss)
+    fn = step_loss_function(model, loss, fused_loss=training.use_liger_kernel)
     if not compiles_step(training):
         return fn
     return CompiledStepLoss(fn, training.torch_compile_mode, print_fn)
@@ -102,3 +115,39 @@ def resolve_tf32(requested: Optional[bool], cuda_capability: Optional[tuple]) ->
     if requested is None:
         return True if ampere else None
     return requested
+
+
+LIGER_REQUIREMENT = "liger-kernel==0.8.5"
+
+
+def check_liger_kernel(training, cuda_available: Optional[bool] = None, installed: Optional[bool] = None) -> None:
+    """use_liger_kernel before the model loads: liger's kernels are Triton kernels for NVIDIA GPUs, in a package
+    of their own (the `liger` extra). None: look at this machine."""
+    if not training.use_liger_kernel:
+        return
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        raise ConfigError("use_liger_kernel=true needs an NVIDIA GPU (liger's kernels are Triton CUDA kernels); "
+                          "this machine has none: set use_liger_kernel=false.")
+    if installed is None:
+        installed = importlib.util.find_spec("liger_kernel") is not None
+    if not installed:
+        raise ConfigError(f"use_liger_kernel=true needs the liger-kernel package: pip install "
+                          f"'scaletune[liger]' ({LIGER_REQUIREMENT}), or set use_liger_kernel=false.")
+
+
+def apply_liger_kernel(model) -> None:
+    """Trainer's use_liger_kernel (liger's default kernels for the architecture, fused linear cross-entropy
+    among them), refused in one line for an architecture liger has no kernels for -- where liger itself only
+    logs a warning and the run would go on unfused."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    from transformers.integrations.liger import apply_liger_kernel as apply
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(f"use_liger_kernel=true, but liger has no kernels for model type {model_type!r} "
+                          f"(it has: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}): set use_liger_kernel=false.")
+    apply(model, None)

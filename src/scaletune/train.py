@@ -73,6 +73,9 @@ def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[Path]:
     if t.on_nonfinite == "skip" and deepspeed_requested():
         raise ConfigError("on_nonfinite=skip is not possible under DeepSpeed, which applies the update inside "
                           "backward before the loss can be checked; use on_nonfinite=stop.")
+    if t.use_liger_kernel and user.compute_loss_func is not None:
+        raise ConfigError("use_liger_kernel=true computes the loss inside the model, so the compute_loss_func "
+                          "passed to run() would not be used: drop one of them.")
     if user.model is not None and t.do_train and not cfg.peft.use_peft and not any(
             p.requires_grad for p in user.model.parameters()):
         raise ConfigError(f"The {type(user.model).__name__} passed to run() has no trainable parameters (all "
@@ -157,7 +160,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     from . import lora
     from .distributed import build_accelerator, configure_model
     from .evaluation import Evaluator
-    from .fast_path import build_step_loss
+    from .fast_path import apply_liger_kernel, build_step_loss, check_liger_kernel
     from .loop import Loop, fit
     from .losses import ComputeLossFunc
     from .model_source import check_hub_kernels, hub_kernels_off, load_tokenizer
@@ -172,6 +175,7 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     t, d, m = cfg.training, cfg.data, cfg.model
     accelerator = build_accelerator(cfg)
     set_tf32(t.tf32)
+    check_liger_kernel(t)  # before the data and the model load
     check_fp16_autocast(accelerator)
     quiet_other_ranks(accelerator)
     watcher = PreemptionWatcher()
@@ -208,6 +212,8 @@ def _run(cfg: Config, resume_path: Optional[Path], user: UserParts) -> RunResult
     model = user.model if user.model is not None else task.build_model(cfg, prepared, tokenizer)
     if not m.use_hub_kernels:  # before anything calls train()/eval(), which would kernelize
         hub_kernels_off(model)
+    if t.use_liger_kernel:  # before LoRA wraps it and accelerate prepares it
+        apply_liger_kernel(model)
     if d.padding_free:  # before training: a model that would attend across the packed examples is refused
         from .tasks.clm import check_packed_attention
 

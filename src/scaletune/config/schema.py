@@ -210,6 +210,9 @@ class Config:
             raise ConfigError(f"padding_free=true is for task clm; task {d.task}'s models build a bidirectional "
                               f"attention mask that cannot keep examples in one row apart: set padding_free=false "
                               f"and use train_sampling_strategy=group_by_length to cut padding.")
+        if t.use_liger_kernel and d.task != "clm":
+            raise ConfigError(f"use_liger_kernel=true is for task clm (liger patches causal-LM architectures); "
+                              f"task {d.task} has no liger kernels: set use_liger_kernel=false.")
         if d.streaming and t.train_sampling_strategy == "group_by_length":
             raise ConfigError("train_sampling_strategy=group_by_length needs every example's length up front, "
                               "which a stream does not have; set streaming=false or train_sampling_strategy=random.")

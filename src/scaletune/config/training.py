@@ -169,11 +169,17 @@ class TrainingArguments:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     torch_compile: bool = False
-    """Compile the model with torch.compile."""
+    """Compile the training step (forward and loss) with torch.compile; evaluation stays eager. Under DeepSpeed
+    and FSDP2, accelerate compiles the model instead."""
     torch_compile_mode: Optional[str] = None
     """torch.compile mode (`default`, `reduce-overhead`, `max-autotune`); implies torch_compile."""
+    use_liger_kernel: bool = False
+    """Liger Kernel (Trainer's name; `pip install scaletune[liger]`, CUDA only), task clm: liger's kernels for the
+    model's architecture (llama, mistral, qwen2, gemma, ...), among them fused linear cross-entropy, so training
+    never materialises the vocabulary logits. Refused without a GPU, the package or a supported architecture."""
     tf32: Optional[bool] = None
-    """Allow TF32 matmuls on Ampere or newer GPUs (None: torch's default). True without such a GPU is an error."""
+    """TF32 matmuls (None: on for an Ampere or newer GPU, torch's default elsewhere). True without such a GPU is
+    an error."""
     save_in_background: bool = True
     """Write checkpoints in a background thread (DDP and single process): training stalls only while the state
     is copied to host memory (kept for the run, so each save is a plain copy); the checkpoint is complete
@@ -252,6 +258,9 @@ class TrainingArguments:
                               "eval_strategy=steps or epoch.")
         if self.torch_compile_mode is not None:
             self.torch_compile = True  # as Trainer: a compile mode implies compiling
+        if self.use_liger_kernel and self.label_smoothing_factor:
+            raise ConfigError("use_liger_kernel=true computes the loss in liger's fused kernel, which scaletune "
+                              "runs without label smoothing: set label_smoothing_factor=0 or use_liger_kernel=false.")
         _require(self, "learning_rate", self.learning_rate > 0, "> 0")
         _require(self, "adam_epsilon", self.adam_epsilon > 0, "> 0")
         _require(self, "max_skipped_updates", self.max_skipped_updates >= 0, ">= 0")
