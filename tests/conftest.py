@@ -78,3 +78,14 @@ def accelerator():
     acc = Accelerator(cpu=True)
     yield acc
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed precision per process: a test that runs in-process with another precision
+    (bf16) starts from a clean state and leaves one, pass or fail, so no other run's precision answers."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

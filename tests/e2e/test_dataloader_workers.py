@@ -2,7 +2,7 @@
 and bit for bit (same order, same masks, same dropout stream), and it resumes exactly mid-epoch and at an epoch
 start. MLM masks, re-drawn each epoch, reach the workers too.
 
-The auto rule and the loader's own order are in tests/unit/test_dataloader_workers.py.
+The auto rule and the loader's own order are in tests/unit/test_dataloader_worker_rule.py.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def step_losses(result) -> dict:
 
 
 def test_compiled_step_has_the_eager_losses_and_reports_graph_breaks_once(tiny_bert_no_dropout, sentiment_files,
-                                                                          tmp_path, capsys):
+                                                                          tmp_path, capsys, fresh_accelerate_state):
     # No dropout: inductor draws its own random masks, so dropout would differ by construction.
     from torch._dynamo.utils import counters
 

@@ -516,7 +516,9 @@ def test_a_two_process_refusal_is_printed_once(one_to_two):
 def test_the_other_ranks_wait_for_the_first_to_print_the_error_line(tmp_path):
     """The launcher stops every process once one exits. Here the first process is 3 s slower than the second to
     reach its error line (the race that once lost the line of a two-process refusal); the second waits for it
-    through the launcher's store, so the line is printed and both exit 2."""
+    through the launcher's store, so the line is printed. (Whether the launcher then still sends the first a
+    SIGTERM during its exit depends on which of the two finishes tearing down first: under load it sometimes
+    does, after the line is out, so that is not asserted.)"""
     from support.tiny import accelerate_launch
 
     script = tmp_path / "slow_first.py"
@@ -532,7 +534,7 @@ def test_the_other_ranks_wait_for_the_first_to_print_the_error_line(tmp_path):
     """))
     proc = accelerate_launch(2, [], script=str(script), check=False, timeout=120)
     assert "scaletune: error: the first process's line" in proc.stderr, describe(proc)
-    assert "SIGTERM" not in proc.stderr, describe(proc)
+    assert proc.returncode != 0, describe(proc)
 
 
 def test_an_allowed_change_of_learning_rate_and_max_steps_takes_effect_on_resume(one_process_run, tmp_path):

@@ -76,12 +76,10 @@ def reads_after_each_update(events: list) -> dict:
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_an_update_reads_nothing_from_the_device_between_logging_steps(read_log, precision, tiny_bert,
-                                                                       sentiment_files, tmp_path):
-    from accelerate.state import AcceleratorState
-
+                                                                       sentiment_files, tmp_path,
+                                                                       fresh_accelerate_state):
     from scaletune.train import run
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # each precision gets its own Accelerator
     run({"model_name_or_path": tiny_bert, "train_file": sentiment_files["train_file"], "output_dir": str(tmp_path),
          "max_steps": 20, "logging_steps": 10, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
          "max_grad_norm": 1.0, "save_strategy": "no", "eval_strategy": "no", "do_eval": False,
@@ -99,7 +97,6 @@ def test_an_update_reads_nothing_from_the_device_between_logging_steps(read_log,
     between = {step: reads for step, reads in extra.items() if reads and step not in (10, 20)}
     assert not between, f"device reads inside the step, between logging steps: {between}"
     assert all(logging.values()), "the logging steps read the loss, grad norm and flag: the count must see them"
-    AcceleratorState._reset_state(reset_partial_state=True)  # later in-process runs choose their own precision
 
 
 def test_a_nonfinite_update_read_later_is_still_named_and_never_saved(tiny_bert, sentiment_files, tmp_path):
