@@ -2,7 +2,8 @@
 toy sentiment CSVs (built by support/tiny.py).
 
 Layout: unit/ runs in seconds; e2e/ (training runs), parity/ (against transformers.Trainer) and cluster/
-(a real Slurm) are all marked `slow` here, by folder, so `pytest -m "not slow" tests` is exactly unit/.
+(a real Slurm) are all marked `slow` here, by folder, so `pytest -m "not slow" tests` is unit/ less the few
+unit tests marked `slow` by hand (a race of hundreds of processes).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ def _contender(root: str, start, done, results) -> None:
     done.wait()
 
 
+@pytest.mark.slow  # 600 processes: 20-50 s on 2 cores, out of the `-m "not slow"` tier
 def test_two_processes_racing_for_the_lock_never_both_take_it(tmp_path):
     ctx = multiprocessing.get_context("fork")  # the processes start in milliseconds: 300 races stay cheap
     both = []
