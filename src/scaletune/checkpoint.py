@@ -21,18 +21,19 @@ weights under each backend (consolidation, adapters, best-weights reload, export
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import CheckpointError, ScaletuneError
 from . import lora
-from .model_weights import _backend_saves_adapter, _frozen_base_left_out, load_adapter, save_model_weights
+from .disk import fsync_dir, fsync_file, readable_as_umask_allows, remove_folder, write_failed, write_text_atomically
+from .distributed.backend import Backend
+from .distributed.collectives import agree_on_write
+from .errors import CheckpointError
+from .model_weights import frozen_base_left_out, load_adapter, save_model_weights
 from .state import STATE_FILE, TrainingState
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -60,12 +61,7 @@ def list_checkpoints(output_dir: str | Path) -> dict[int, Path]:
 
 def write_trainer_state(folder: str | Path, state: TrainingState) -> None:
     """The one writer of trainer_state.json. Atomic: a reader sees the old file or the new one."""
-    tmp = Path(folder, STATE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(state.state_dict(), indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, Path(folder, STATE_FILE))
+    write_text_atomically(Path(folder, STATE_FILE), json.dumps(state.state_dict(), indent=2))
 
 
 def read_trainer_state(folder: str | Path) -> TrainingState:
@@ -95,8 +91,7 @@ def _files(folder: Path) -> list[Path]:
 
 def file_entry(path: Path) -> dict:
     """A file's manifest entry, after it is fsynced: on disk before the rename that publishes it."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_file(path)
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
@@ -108,12 +103,7 @@ def write_manifest(folder: Path, known: Optional[dict] = None) -> None:
     for p in _files(folder):
         name = str(p.relative_to(folder))
         entries[name] = known[name] if name in known else file_entry(p)
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"files": entries}, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST_FILE)
+    write_text_atomically(folder / MANIFEST_FILE, json.dumps({"files": entries}, indent=1))
 
 
 def verify(folder: str | Path) -> Optional[str]:
@@ -186,66 +176,6 @@ def check_schedule(folder: Path, state: TrainingState) -> None:
                               f"different steps. Resume from another checkpoint.")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_folder(path: Path) -> None:
-    """Rename out of the checkpoint namespace first, then delete: a kill mid-delete leaves a hidden folder."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".{path.name}.deleting-{os.getpid()}")
-    path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def disk_full(e: BaseException, path: Path) -> bool:
-    """Whether a failed write ran out of space. safetensors and torch.save report a full disk in their own words
-    (`SafetensorError`, `RuntimeError: ... unexpected pos`), so the free space itself is asked too."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left" in str(e):
-        return True
-    try:
-        return shutil.disk_usage(path.parent).free < 1 << 20
-    except OSError:
-        return False
-
-
-def write_failed(e: BaseException, path: Path) -> CheckpointError:
-    """One line for a checkpoint write that failed: a full disk says so and names the path."""
-    if disk_full(e, path):
-        return CheckpointError(f"No space left on the device while writing {str(path)!r}: free disk space (or "
-                               f"lower save_total_limit) and resume with --resume_from_checkpoint latest; "
-                               f"earlier checkpoints are intact.")
-    detail = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-    return CheckpointError(f"Could not write {str(path)!r}: {detail}.")
-
-
-def agree_on_write(accelerator, failed: Optional[BaseException], folder: Path) -> None:
-    """Collective, once every rank has written its part of `folder`: if any rank failed, every rank raises the
-    same one-line error and the main process removes `folder` (the space back; what was there before is
-    untouched). A ScaletuneError (a refusal with its own words) is raised as it is."""
-    from .distributed import all_agree
-
-    if not all_agree(accelerator, failed is not None):
-        return
-    # Judged before the folder is removed: a full disk is recognised by its free space too.
-    if isinstance(failed, ScaletuneError):
-        error = failed
-    elif failed is not None:
-        error = write_failed(failed, folder)
-    else:
-        error = CheckpointError(f"Another process failed while writing {str(folder)!r}; see its error above.")
-    if accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
-    raise error
-
-
 # --------------------------------------------------------------------------- save / load
 
 
@@ -257,7 +187,7 @@ def save_checkpoint(accelerator, folder: Path, state: TrainingState, model, toke
         if accelerator.is_main_process and partial.exists():
             shutil.rmtree(partial)  # leftover of an interrupted save
         accelerator.wait_for_everyone()
-        with _frozen_base_left_out(accelerator, model, loading=False) as kwargs:
+        with frozen_base_left_out(accelerator, model, loading=False) as kwargs:
             # model (or adapter), optimizer, scheduler, scaler, sampler, RNG of every rank
             accelerator.save_state(str(partial), **kwargs)
         save_model_weights(accelerator, model, partial)  # collective: the from_pretrained / adapter form
@@ -273,16 +203,6 @@ def save_checkpoint(accelerator, folder: Path, state: TrainingState, model, toke
     if accelerator.is_main_process:
         complete(partial, folder, state)
     accelerator.wait_for_everyone()
-
-
-def readable_as_umask_allows(paths) -> None:
-    """Files written 0600 (safetensors writes through a private temporary file) get the mode every other file
-    gets, so a checkpoint or export on a shared filesystem is readable by the group like the rest."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in paths:
-        if p.is_file() and p.stat().st_mode & 0o777 == 0o600:
-            p.chmod(0o666 & ~mask)
 
 
 def complete(partial: Path, folder: Path, state: TrainingState, known: Optional[dict] = None) -> None:
@@ -302,11 +222,12 @@ def complete(partial: Path, folder: Path, state: TrainingState, known: Optional[
     fsync_dir(folder.parent)
 
 
-def load_checkpoint(accelerator, path: str | Path, model=None) -> TrainingState:
+def load_checkpoint(accelerator, path: str | Path, model=None, state: Optional[TrainingState] = None) -> TrainingState:
     """Collective: restore model (or adapter), optimizer, scheduler, scaler, RNG; return the loop state.
-    `model`: the prepared model (default: the one the Accelerator prepared)."""
+    `model`: the prepared model (default: the one the Accelerator prepared); `state`: the loop state already
+    read from the checkpoint (when the resume was resolved), else read here."""
     path = Path(path)
-    state = read_trainer_state(path)
+    state = state if state is not None else read_trainer_state(path)
     check_schedule(path, state)
     model = model if model is not None else accelerator._models[0]
     peft = lora.is_peft(accelerator.unwrap_model(model))
@@ -317,9 +238,9 @@ def load_checkpoint(accelerator, path: str | Path, model=None) -> TrainingState:
             f"{str(peft).lower()}: resume with use_peft={str(has_adapter).lower()}, or start a new run in another "
             f"output_dir.")
     try:
-        with _frozen_base_left_out(accelerator, model, loading=True) as kwargs:
+        with frozen_base_left_out(accelerator, model, loading=True) as kwargs:
             accelerator.load_state(str(path), **kwargs)
-        if peft and not _backend_saves_adapter(accelerator):
+        if peft and not Backend.of(accelerator).engine_saves:  # the engine's checkpoint held the adapter
             load_adapter(accelerator, model, path / lora.ADAPTER_DIR)
     except Exception as e:
         problem = verify(path)

@@ -31,13 +31,6 @@ class AssetError(ScaletuneError, RuntimeError):
     """A packaged offline asset (model or dataset) is missing."""
 
 
-class MetricNotFound(ScaletuneError, KeyError):
-    """metric_for_best_model is not among the evaluation metrics."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
 class NonFiniteError(ScaletuneError, RuntimeError):
     """The loss or gradient norm became NaN or infinite."""
 

@@ -10,14 +10,16 @@ same reason, from the task's own `ItemLoss` (the seam training uses: no second c
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from . import schedule
-from .errors import DataError, MetricNotFound
-from .losses import ItemLoss
+from .errors import DataError
+from .losses import ItemLoss, model_inputs
+from .metric_names import check_metric_for_best_model, metric_key
 from .state import TrainingState
 
 if TYPE_CHECKING:
@@ -28,9 +30,23 @@ if TYPE_CHECKING:
     from .tasks import Task
 
 
-def model_inputs(batch: dict) -> dict:
-    # The loop computes the loss itself (normalised over the accumulation window), so the model must not.
-    return {k: v for k, v in batch.items() if k != "labels"}
+class SingleProcess:
+    """What `run_inference` asks of an accelerator, for one process that has none (`scaletune.predict`): no
+    autocast (the model runs in its own dtype), nothing to gather or pad across processes."""
+
+    num_processes = 1
+
+    @staticmethod
+    def autocast():
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def gather_for_metrics(data):
+        return data
+
+    @staticmethod
+    def pad_across_processes(tensor, dim: int = 0, pad_index: int = 0):
+        return tensor
 
 
 @torch.no_grad()
@@ -151,11 +167,8 @@ class Evaluator:
         t = self.args
         if t.metric_for_best_model is None:
             return False
-        key = schedule.metric_key(t.metric_for_best_model)
-        if key not in metrics:
-            raise MetricNotFound(f"metric_for_best_model={t.metric_for_best_model!r} is not among the evaluation "
-                                 f"metrics: {', '.join(sorted(metrics))}.")
-        value = metrics[key]
+        check_metric_for_best_model(t.metric_for_best_model, sorted(metrics))
+        value = metrics[metric_key(t.metric_for_best_model)]
         if t.early_stopping_patience:
             state.patience_counter = schedule.next_patience(state.patience_counter, value, state.best_metric,
                                                             t.greater_is_better, t.early_stopping_threshold)

@@ -13,19 +13,15 @@ import importlib.util
 import os
 from typing import Callable, Mapping, Optional
 
-from .distributed import deepspeed_requested, fsdp_requested
+from .distributed.backend import Backend
 from .errors import ConfigError
-from .evaluation import model_inputs
+from .losses import model_inputs
 
 
 def compiles_step(training, env: Mapping[str, str] = os.environ) -> bool:
-    """Whether `torch_compile` compiles the step function (True) or is left to accelerate's model-only compile.
-
-    DeepSpeed's engine and FSDP2's sharded modules own their forward (hooks that gather parameters, engine
-    bookkeeping); accelerate compiles them its way (`engine.compile`, `torch.compile` of the sharded model),
-    which is what those backends support. A single process or DDP compiles the step: DDP's forward runs eagerly
-    and the module under it is compiled with dynamo's DDP optimizer (graphs split at gradient buckets)."""
-    return training.torch_compile and not (deepspeed_requested(env) or fsdp_requested(env))
+    """Whether `torch_compile` compiles the step function (True) or is left to accelerate's model-only compile
+    (the backend owns its forward: `Backend.compiles_step`)."""
+    return training.torch_compile and Backend.requested(env).compiles_step
 
 
 def step_loss_function(model, loss, fused_loss: bool = False) -> Callable:

@@ -34,6 +34,12 @@ IGNORE_INDEX = -100
 """Label value that does not count (padding, special tokens, unlabelled rows), as transformers uses."""
 
 
+def model_inputs(batch: dict) -> dict:
+    """A batch as the model's forward arguments: everything but the labels. The loss is computed here, on the
+    seam (normalised over the accumulation window), so the model must not compute its own."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 class ItemLoss:
     """A loss on the seam. Subclasses implement `count` and `per_sample`; a loss that needs the whole model
     outputs (Trainer's `compute_loss_func`) overrides `batch_sum` and `per_sample_outputs` instead."""

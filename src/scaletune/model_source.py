@@ -123,6 +123,12 @@ def load_config(m, **kwargs):
                                           trust_remote_code=m.trust_remote_code, **kwargs)
 
 
+def max_position_embeddings(m) -> Optional[int]:
+    """The model's position table size (None when its config has none): an input longer than it would crash the
+    first forward pass, so the tasks cap their maximum length by it."""
+    return getattr(load_config(m), "max_position_embeddings", None)
+
+
 def load_pretrained(auto_class, m, **kwargs):
     """`auto_class.from_pretrained` of `model_name_or_path` with the run's model settings."""
     from .assets import model_path

@@ -15,7 +15,9 @@ import shutil
 from pathlib import Path
 
 from . import lora
-from .distributed import is_deepspeed, is_fsdp, zero_stage
+from .disk import fsync_dir, fsync_file, readable_as_umask_allows
+from .distributed.backend import Backend
+from .distributed.collectives import agree_on_write
 from .errors import CheckpointError
 
 # --------------------------------------------------------------------------- backend formats
@@ -26,21 +28,16 @@ from .errors import CheckpointError
 # the backend: a consolidated `model.safetensors`, or with LoRA the `adapter/` folder.
 
 
-def _backend_saves_adapter(accelerator) -> bool:
-    """Whether `save_state` / `load_state` handle a LoRA model's trainable weights themselves (DeepSpeed's engine
-    checkpoint, FSDP2's sharded one); under DDP the adapter folder is the model's only copy."""
-    return is_deepspeed(accelerator) or is_fsdp(accelerator)
-
-
 @contextlib.contextmanager
-def _frozen_base_left_out(accelerator, model, loading: bool):
+def frozen_base_left_out(accelerator, model, loading: bool):
     """While saving or loading a LoRA model's state: the frozen pretrained weights stay out of the checkpoint,
     which then holds the adapter and its optimizer state only. Yields extra `save_state` / `load_state`
     arguments. Without LoRA: nothing changes."""
     if not lora.is_peft(accelerator.unwrap_model(model)):
         yield {}
         return
-    if is_deepspeed(accelerator):
+    backend = Backend.of(accelerator)
+    if backend.is_deepspeed:
         # The engine checkpoint then holds the trainable parameters only; loading it must not ask for the rest.
         if loading:
             yield {"load_module_strict": False}
@@ -62,7 +59,7 @@ def _frozen_base_left_out(accelerator, model, loading: bool):
         finally:
             del model.module_state_dict
         return
-    if is_fsdp(accelerator):
+    if backend.is_fsdp:
         # accelerate's FSDP checkpoint functions can save and load the adapter alone (adapter_only), but save_state
         # / load_state never ask them to: ask for them while this state is saved or loaded.
         import accelerate.accelerator as module
@@ -106,12 +103,12 @@ def save_model_weights(accelerator, model, folder: str | Path) -> None:
     if lora.is_peft(unwrapped):
         save_adapter(accelerator, model, Path(folder) / lora.ADAPTER_DIR)
         return
-    stage = zero_stage(accelerator)
-    if stage is None and not is_fsdp(accelerator):
+    backend = Backend.of(accelerator)
+    if not backend.engine_saves:
         return  # accelerate's save_state already wrote model.safetensors
     # ZeRO-3 and FSDP2 gather the shards with collectives (every rank); with ZeRO-1/2 every rank holds the model.
-    sharded = stage == 3 or is_fsdp(accelerator)
-    state_dict = accelerator.get_state_dict(model) if sharded or accelerator.is_main_process else None
+    needed = backend.shards_parameters or accelerator.is_main_process
+    state_dict = accelerator.get_state_dict(model) if needed else None
     if accelerator.is_main_process:
         accelerator.save(clean_state_dict_for_safetensors(state_dict), str(Path(folder) / "model.safetensors"),
                          safe_serialization=True)
@@ -129,7 +126,7 @@ def load_model_weights(accelerator, model, path: str | Path) -> None:
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{str(path)!r} has no model.safetensors to reload the best model from.")
-    if zero_stage(accelerator) == 3 or is_fsdp(accelerator):
+    if Backend.of(accelerator).shards_parameters:
         missing = _load_sharded(accelerator, unwrapped, weights)
         if missing:
             raise CheckpointError(f"Best checkpoint {str(path)!r} does not match the model (missing {missing[:3]}).")
@@ -155,7 +152,7 @@ def load_model_weights(accelerator, model, path: str | Path) -> None:
 def _reshard(accelerator, module) -> None:
     """FSDP2 leaves a root's parameters gathered after a forward without backward (an evaluation); shard them
     again, so every parameter is the DTensor shard the reads and writes below expect."""
-    if not is_fsdp(accelerator):
+    if not Backend.of(accelerator).is_fsdp:
         return
     from torch.distributed.fsdp import FSDPModule
 
@@ -167,7 +164,7 @@ def _reshard(accelerator, module) -> None:
 def _is_sharded(accelerator, p) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return zero_stage(accelerator) == 3 or isinstance(p, DTensor)
+    return Backend.of(accelerator).is_zero3 or isinstance(p, DTensor)
 
 
 def _gather(accelerator, p):
@@ -177,7 +174,7 @@ def _gather(accelerator, p):
 
     main = accelerator.is_main_process
     with torch.no_grad():
-        if zero_stage(accelerator) == 3:
+        if Backend.of(accelerator).is_zero3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p]):
@@ -200,7 +197,7 @@ def _scatter(accelerator, p, full) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     with torch.no_grad():
-        if zero_stage(accelerator) == 3:
+        if Backend.of(accelerator).is_zero3:
             import deepspeed
 
             # Only the compute weights change: the optimizer's fp32 master copy stays, which is fine for the
@@ -298,8 +295,6 @@ def export_model(accelerator, model, tokenizer, output_dir: str | Path) -> None:
     Written whole into `output_dir/.export.partial/` first and then moved into place, weights last: an abort
     or a full disk never leaves half a model where one is read (the output dir also holds the checkpoints,
     so it cannot be renamed itself)."""
-    from .checkpoint import agree_on_write  # checkpoint imports this module: imported here
-
     out = Path(output_dir)
     staging = out / EXPORT_STAGING
     failed = None
@@ -310,8 +305,7 @@ def export_model(accelerator, model, tokenizer, output_dir: str | Path) -> None:
         if accelerator.is_main_process:
             for p in staging.rglob("*"):  # on disk before the renames that publish them
                 if p.is_file():
-                    with open(p, "rb") as f:
-                        os.fsync(f.fileno())
+                    fsync_file(p)
     except Exception as e:  # a full disk surfaces as OSError, SafetensorError or RuntimeError
         failed = e
     if isinstance(failed, CheckpointError) and accelerator.is_main_process:
@@ -325,8 +319,6 @@ def export_model(accelerator, model, tokenizer, output_dir: str | Path) -> None:
 def _publish(staging: Path, out: Path) -> None:
     """Main process: move what `staging` holds into `out`, the weights last (a reader that finds the new
     weights finds the config and tokenizer that go with them)."""
-    from .checkpoint import fsync_dir, readable_as_umask_allows
-
     readable_as_umask_allows(staging.rglob("*"))
     for p in sorted(staging.iterdir(), key=lambda p: (".safetensors" in p.name, p.name)):
         target = out / p.name

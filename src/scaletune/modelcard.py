@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from . import metric_names
+
 
 def hyperparameters(cfg, world_size: int) -> dict:
     """The hyperparameters Trainer's card lists, under its names."""
-    from .distributed import effective_mixed_precision
+    from .distributed.backend import effective_mixed_precision
 
     t = cfg.training
     out = {
@@ -59,7 +61,7 @@ def write_model_card(folder: str | Path, cfg, model, log_history: list, world_si
         card = card.replace("This model was trained from scratch on ",
                             f"This model is a fine-tuned version of {named} on ")
     if best_metric is not None:
-        metric = cfg.training.metric_for_best_model or "loss"
+        metric = metric_names.best_metric(cfg.training.metric_for_best_model)
         card += (f"\n### Best checkpoint\n\n- {metric}: {best_metric:.4g} at step {best_step}"
                  f"{' (its weights are these)' if cfg.training.load_best_model_at_end else ''}\n"
                  f"- training stopped by: {stop_reason.replace('_', ' ')}\n")

@@ -122,7 +122,7 @@ def _trained_columns(run: dict, task_name: str, test_file: str) -> tuple:
     from .config import RESOLVED_SECTION
 
     if task_name == "token_classification":
-        from .tasks.token_classification import is_conll_file
+        from .conll_format import is_conll_file
 
         if is_conll_file(test_file):
             return ()
@@ -199,6 +199,7 @@ def _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_siz
 
     from .data import check_files, load_raw_datasets
     from .tasks import PreparedData, get_task
+    from .tasks.labels import id_column
 
     check_files(cfg)
     raw = load_raw_datasets(cfg)
@@ -211,33 +212,38 @@ def _predict_sequences(model_dir, cfg, task_name, labels, output_file, batch_siz
     max_len = min(cfg.data.max_seq_length or 128, tokenizer.model_max_length)
     encoded = rows.map(lambda b: tokenizer(*[b[c] for c in text_cols], truncation=True, max_length=max_len),
                        batched=True, remove_columns=rows.column_names, desc="Tokenizing")
-    id_col = next((c for c in ("id", "idx", "guid") if c in rows.column_names), None)
+    if targets is not None:  # labels in the batches: the loss and metrics come as in the run's own test pass
+        encoded = encoded.add_column("labels", targets)
+    id_col = id_column(rows.column_names)
     ids = list(rows[id_col]) if id_col else list(range(len(rows)))
     _prepare_output(output_file)
 
-    import numpy as np
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     model = _load(AutoModelForSequenceClassification, model_dir)
-    collate = task.collator(tokenizer, cfg, for_training=False)
-    outputs, logits_all = [], []
-    with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            batch = collate([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))])
-            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
-            logits_all.append(logits)
-            outputs.append(task.preprocess_logits(logits, None))
-    predictions = torch.cat(outputs).numpy()
-    task.write_predictions(output_file, predictions, PreparedData(test_ids=ids), model.config)
-    metrics = {}
-    if targets is not None:
-        label_ids = torch.tensor(np.asarray(targets))
-        loss_sum, items = task.loss(cfg).per_sample(torch.cat(logits_all), label_ids)
-        metrics = {"loss": float(loss_sum.sum() / items.sum()),
-                   **task.compute_metrics(predictions, label_ids.numpy())}
-        metrics = {f"test_{k}": _plain(v) for k, v in metrics.items()}
-    return Prediction(output_file, metrics)
+    result = _infer(model, encoded, task, task.collator(tokenizer, cfg, for_training=False), cfg, batch_size,
+                    scored=targets is not None)
+    task.write_predictions(output_file, result.predictions, PreparedData(test_ids=ids), model.config)
+    return Prediction(output_file, result.metrics if targets is not None else {})
+
+
+def _infer(model, dataset, task, collate, cfg, batch_size, scored: bool):
+    """The run's test pass on one process (`evaluation.evaluate`): the predictions, and when `scored` the `test_`
+    metrics (else none are computed)."""
+    from torch.utils.data import DataLoader
+
+    from .evaluation import SingleProcess, evaluate
+
+    def on_device(examples):
+        return {k: v.to(model.device) for k, v in collate(examples).items()}
+
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=on_device)
+    return evaluate(model, loader, task, task.loss(cfg), SingleProcess(), prefix="test",
+                    compute_metrics=None if scored else _no_metrics)
+
+
+def _no_metrics(predictions, label_ids) -> dict:
+    return {}
 
 
 def _sequence_targets(task, raw, cfg, labels):
@@ -275,13 +281,6 @@ def _sequence_targets(task, raw, cfg, labels):
     return [encode(v) for v in values]
 
 
-def _plain(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
-
-
 # --------------------------------------------------------------------------- token classification
 
 
@@ -289,9 +288,9 @@ def _predict_tokens(model_dir, cfg, labels, output_file, batch_size, trained=())
     import datasets
     from transformers import AutoTokenizer
 
+    from .conll_format import conll_dataset, is_conll_file
     from .data import check_files, load_raw_datasets
     from .tasks import get_task
-    from .tasks.token_classification import conll_dataset, is_conll_file, write_conll
 
     if is_conll_file(cfg.data.test_file):  # read here: predicting needs no tag column
         raw = datasets.DatasetDict({"test": conll_dataset(cfg.data.test_file, require_tags=False)})
@@ -305,60 +304,48 @@ def _predict_tokens(model_dir, cfg, labels, output_file, batch_size, trained=())
     task.fixed_labels = labels
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prepared = task.prepare_data(raw, tokenizer, cfg, contextlib.nullcontext)  # every row checked here
-    test = prepared.test
-    scored = "labels" in test.column_names and any(lab != -100 for row in test["labels"] for lab in row)
+    scored = "labels" in prepared.test.column_names and any(
+        lab != -100 for row in prepared.test["labels"] for lab in row)
+    # An untagged file: each word's first sub-word is marked as a labelled position, so the predictions come back
+    # at the positions that name the words (the loss and metrics of the marks mean nothing: not reported).
+    test = prepared.test if scored else task.mark_words(prepared.test)
     _prepare_output(output_file)
 
-    import numpy as np
-    import torch
     from transformers import AutoModelForTokenClassification
 
     model = _load(AutoModelForTokenClassification, model_dir)
-    collate = task.collator(tokenizer, cfg, for_training=False)
-    rows, flat, flat_labels = [], [], []
-    loss = task.loss(cfg)
-    loss_sum = items = 0.0
-    with torch.no_grad():
-        for start in range(0, len(test), batch_size):
-            examples = [test[i] for i in range(start, min(start + batch_size, len(test)))]
-            batch = collate(examples)
-            labels_t = batch.pop("labels", None)
-            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
-            argmax = logits.argmax(-1).numpy()
-            # The sub-word positions of each sentence, without its padding (on the tokenizer's padding side).
-            left = tokenizer.padding_side == "left"
-            rows += [argmax[i, argmax.shape[1] - len(e["input_ids"]):] if left else argmax[i, : len(e["input_ids"])]
-                     for i, e in enumerate(examples)]
-            if scored:
-                per_sample, n = loss.per_sample(logits, labels_t)
-                loss_sum += float(per_sample.sum())
-                items += float(n.sum())
-                kept = task.preprocess_logits(logits, labels_t).numpy()
-                mask = labels_t.numpy() != -100
-                flat.append(kept[mask])
-                flat_labels.append(labels_t.numpy()[mask])
-    tags, missing = task.predict_words(rows)
-    write_conll(output_file, task.test_words, tags)
-    if missing:
-        import logging
-
-        logging.getLogger(__name__).warning("%d word(s) had no sub-word within max_seq_length and were written with "
-                                            "tag %s.", missing, task.outside_tag())
-    metrics = {}
-    if scored and items:
-        metrics = {"loss": loss_sum / items, **task.compute_metrics(np.concatenate(flat), np.concatenate(flat_labels))}
-        metrics = {f"test_{k}": _plain(v) for k, v in metrics.items()}
-    return Prediction(output_file, metrics)
+    result = _infer(model, test, task, task.collator(tokenizer, cfg, for_training=False), cfg, batch_size, scored)
+    task.write_predictions(output_file, result.predictions, prepared, model.config)
+    return Prediction(output_file, result.metrics if scored else {})
 
 
 # --------------------------------------------------------------------------- command line
 
 
+# The meaning of predict's options in --help (name, type and default come from predict()'s signature; an option
+# not here is documented by the config field of the same name).
+_OPTION_DOCS = {
+    "model_dir": "Folder with the model: the output_dir of a `scaletune.train` run (its config.yaml gives the task, "
+                 "columns, maximum length and label settings), or any classification / token-classification "
+                 "`save_pretrained` folder (task read from its config.json).",
+    "test_file": "CSV/TSV/JSON/JSONL/parquet file with the examples to predict, in the run's columns (token "
+                 "classification: also a CoNLL `.conll`/`.txt` file, with or without a tag column). Labels, if "
+                 "every row has one, give test metrics; they must be among the model's labels.",
+    "output_file": "Where the predictions are written (its folder is created). Default: "
+                   "MODEL_DIR/predictions_new.csv (token classification: MODEL_DIR/predictions_new.conll).",
+    "text_column_names": "The text column(s), comma separated (token classification: the column of word lists), "
+                         "when the file's differ from the run's. Default: the run's.",
+    "max_seq_length": "Longer inputs are truncated (>= 1). Default: the run's max_seq_length (128 for "
+                      "classification when the run left it unset), capped at the tokenizer's limit.",
+    "batch_size": "Examples per forward pass (on the GPU when there is one).",
+}
+
+
 def main(argv=None) -> int:
     if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
-        from .config import help_text  # generated from predict()'s signature: the options below mirror it
+        from .config.reference import function_help  # from predict()'s signature: the options below mirror it
 
-        print(help_text("scaletune.predict"))
+        print(function_help("scaletune.predict", predict, __doc__.strip().split("\n\n", 1)[1], _OPTION_DOCS))
         return 0
     p = argparse.ArgumentParser(prog="python -m scaletune.predict", description=__doc__.strip().splitlines()[2])
     p.add_argument("model_dir")

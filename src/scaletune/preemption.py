@@ -132,7 +132,7 @@ class PreemptionWatcher:
 
     def should_stop(self, accelerator) -> bool:
         """Collective: True on every rank if any rank was signalled. Call after every optimizer update."""
-        from .distributed import all_agree
+        from .distributed.collectives import all_agree
 
         if not all_agree(accelerator, self.requested):  # one host all-reduce per update, no device sync
             return False

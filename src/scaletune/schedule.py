@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import ConfigError, DataError
+# Re-exported until build.py / preflight.py import them from their owner, metric_names.
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class Plan:
     eval_steps: int
     save_steps: int
     warmup_steps: int
+    accumulation: int = 1
+    """Micro-batches per update: the run's gradient_accumulation_steps (rescaled on a resume on another process
+    count, preflight.run_config)."""
 
 
 def _interval(value: float, max_steps: int) -> int:
@@ -63,6 +67,7 @@ def resolve_plan(args, batches_per_epoch: Optional[int]) -> Plan:
         eval_steps=_interval(eval_steps_raw, max_steps),
         save_steps=_interval(args.save_steps, max_steps),
         warmup_steps=warmup_steps(args.warmup_steps, max_steps),
+        accumulation=ga,
     )
 
 
@@ -151,11 +156,6 @@ def step_outcome(actions: StepActions, args, *, new_best: bool, stop_early: bool
         save = save or args.save_strategy == "epoch"
     stop = "early_stopping" if stop_early else "preempted" if preempted else None
     return StepOutcome(save=save or preempted, stop=stop)
-
-
-def metric_key(name: str) -> str:
-    """§8: an `eval_` prefix is added if missing."""
-    return name if name.startswith("eval_") else f"eval_{name}"
 
 
 def is_better(value: float, best: Optional[float], greater_is_better: bool) -> bool:

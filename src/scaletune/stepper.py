@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, runtim
 
 import torch
 
-from .distributed import all_agree, clip_gradients, is_deepspeed
+from .distributed.backend import Backend
+from .distributed.collectives import all_agree, clip_gradients
 from .errors import DataError
 from .fast_path import step_loss_function
 from .losses import ItemLoss
@@ -177,7 +178,7 @@ class Stepper:
         self.nonfinite = NonFiniteWatch(accelerator.device)
         # (batch, window items) -> the micro-batch's loss sum: forward + loss, compiled on the fast path.
         self.step_loss = step_loss or step_loss_function(model, loss)
-        self.deepspeed = is_deepspeed(accelerator)
+        self.backend = Backend.of(accelerator)
         # fp16 overflow shows as an infinite grad norm and is the grad scaler's business (it skips the step).
         self.overflow_is_expected = accelerator.mixed_precision == "fp16"
 
@@ -198,7 +199,7 @@ class Stepper:
             last = i == len(window) - 1
             acc.gradient_state._set_sync_gradients(last)  # as Trainer does: we own the window, not accelerate
             # DeepSpeed syncs at the boundary it is told about (sync_gradients above); DDP needs no_sync.
-            no_sync = not last and not self.deepspeed
+            no_sync = not last and not self.backend.accumulates_in_engine
             with acc.no_sync(model) if no_sync else contextlib.nullcontext():
                 # A host int for a padding-free row (torch.tensor(n, device=cuda) would be a blocking copy).
                 batch_tokens = (batch["attention_mask"].sum() if "attention_mask" in batch

@@ -35,9 +35,10 @@ def loadable(accelerator: Accelerator, model: torch.nn.Module, path: Path, saved
     """Collective: a folder that `accelerator.load_state` loads on this process count -- `path` itself, or
     under DeepSpeed when `saved_world` differs, its universal view (built in `scratch`, removed afterwards).
     `model`: the prepared model (under DeepSpeed its engine, which is told to load the universal format)."""
-    from .distributed import all_agree, is_deepspeed
+    from .distributed.backend import Backend
+    from .distributed.collectives import all_agree
 
-    if not is_deepspeed(accelerator) or saved_world == accelerator.num_processes:
+    if not Backend.of(accelerator).is_deepspeed or saved_world == accelerator.num_processes:
         yield path
         return
     view = scratch / f"{VIEW_PREFIX}{path.name}"

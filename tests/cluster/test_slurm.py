@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from support.tiny import REPO
 from support.wandb_reader import find_runs, read_run
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 TRAIN_SH = str(REPO / "slurm" / "train.sh")
 MAX_STEPS = 48  # 4 epochs of 12 updates (96 examples / (4 per device x 2 processes))
 SIGNAL_AFTER_STEP = 3

@@ -32,8 +32,7 @@ SCRIPTS = {
     "padding_free": ([sys.executable, str(BENCH / "padding_free.py"), "--tiny"],
                      [rf"ratio padding_free/padded samples/s: {NUMBER}",
                       r"largest per-step training-loss difference padding_free vs padded: [0-9.e+-]+"]),
-    "checkpoint_stall": ([sys.executable, str(BENCH / "checkpoint_stall.py"), "--tiny"],
-                         [rf"stall ratio background/synchronous: {NUMBER}"]),
+    # checkpoint_stall.py runs (--tiny) and prints its ratio in test_gpu_check_runs_its_parts_into_one_markdown_file.
     "startup": ([sys.executable, str(BENCH / "startup.py"), "--tiny"],
                 [rf"typo: {NUMBER} s wall-clock", rf"bad_file: {NUMBER} s wall-clock"]),
     "gpu_suite": (["bash", str(BENCH / "gpu_suite.sh"), "--tiny", "--cpu"],
@@ -43,6 +42,7 @@ SCRIPTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_benchmark_runs_at_tiny_size_and_prints_its_ratios(name, tmp_path):
     cmd, expected = SCRIPTS[name]
@@ -107,6 +107,7 @@ def test_the_consistency_check_flags_the_unsynced_figures_of_issue_21():
     assert consistent({"ms/update": 32.7, "tokens/s": 8192 / 0.0327, "tokens/update": 8192})
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_parts_into_one_markdown_file(tmp_path):
     """scripts/gpu_check.sh in its CPU mode: every part runs (tests/gpu skips without CUDA) and the file has
     each part's section, the benchmark table and the summary."""
@@ -125,8 +126,12 @@ def test_gpu_check_runs_its_parts_into_one_markdown_file(tmp_path):
     assert f"writing {out}" in proc.stdout
 
 
+# The scripts scripts/gpu_check.sh runs (test_gpu_check_runs_its_parts_into_one_markdown_file checks their output).
+IN_GPU_CHECK = {"gpu_suite", "checkpoint_stall"}
+
+
 def test_every_benchmark_script_has_a_smoke_run():
     # gpu_suite.py runs through gpu_suite.sh; common.py is the scripts' shared helper.
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"common"}
-    covered = {name.split()[0] for name in SCRIPTS}  # a script's name, then the options of that run
+    covered = {name.split()[0] for name in SCRIPTS} | IN_GPU_CHECK  # a script's name, then the options of that run
     assert scripts == covered, f"add a --tiny smoke run for: {sorted(scripts - covered)}"

@@ -49,6 +49,7 @@ def test_local_formats_with_two_text_columns_and_int_labels(fmt, tmp_path):
     assert raw["train"][0]["premise"].startswith("the film was")
 
 
+@pytest.mark.slow
 def test_sentence_pairs_and_int_labels_train_end_to_end(tiny_bert, tmp_path):
     """Two text columns are encoded as a pair ([SEP] between, token types 0/1); integer labels are ids."""
     from transformers import AutoConfig
@@ -62,6 +63,7 @@ def test_sentence_pairs_and_int_labels_train_end_to_end(tiny_bert, tmp_path):
     assert config.num_labels == 3 and config.id2label == {0: "0", 1: "1", 2: "2"}
 
 
+@pytest.mark.slow
 def test_hub_style_dataset_from_a_local_path(tiny_bert, tmp_path):
     """What `dataset_name: imdb` loads from the hub -- a DatasetDict with a ClassLabel feature and train/test
     splits only -- read from a local path: validation is carved out, label names come from the ClassLabel,
@@ -83,6 +85,7 @@ def test_hub_style_dataset_from_a_local_path(tiny_bert, tmp_path):
     assert len(preds) == 10 and set(preds[0]) == {"id", "prediction", "prob_neg", "prob_pos"}
 
 
+@pytest.mark.slow
 def test_glue_style_unlabelled_test_split(tiny_bert, tmp_path):
     """GLUE test splits carry label -1: predictions are written, no test metrics are invented."""
     rows = [{"idx": i, "sentence": f"sentence {i} is {'fine' if i % 2 else 'wrong'}", "label": i % 2}

@@ -17,6 +17,8 @@ from support.faults import max_weight_diff
 from support.golden import MLM_TEXT
 from support.tiny import make_tiny_bert
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 QUIET = {"do_predict": False, "disable_tqdm": True, "report_to": "none", "logging_steps": 1, "learning_rate": 1e-3}
 
 

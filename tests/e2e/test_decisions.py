@@ -1,7 +1,7 @@
-"""Cadence and decisions on a real (tiny) model, driven by a scripted metric sequence via compute_metrics.
-
-Each case states by hand what must happen: which steps evaluate, which checkpoints stay on disk, which
-checkpoint is best and reloaded, and when training stops.
+"""Decisions on a real (tiny) model, driven by a scripted metric sequence via compute_metrics: what the fakes of
+tests/unit/test_fit_decisions.py cannot show. One real run whose checkpoints are rotated on disk during training
+and at the end (limit 1), whose compute_metrics reaches the loop through run(), and whose exported model is the
+best checkpoint's weights, bit for bit. Every other cadence and decision case runs against the real `fit` there.
 """
 
 from __future__ import annotations
@@ -26,42 +26,14 @@ def scripted(values, name="score"):
     return compute_metrics
 
 
+pytestmark = pytest.mark.slow
+
 CASES = {
-    # save_steps = 2 x eval_steps, limit 2: best at 4 protected; every new best is saved (ours, §10).
-    "save_twice_eval_limit2": dict(
-        cfg=dict(max_steps=10, eval_steps=2, save_steps=4, save_total_limit=2, metric_for_best_model="score",
-                 load_best_model_at_end=True),
-        seq=[0.1, 0.5, 0.3, 0.2, 0.4], evals=[2, 4, 6, 8, 10], left=[4, 10], best=4, stop=10),
-    # Trainer's bug case: best at step 6 falls between saves. Trainer reloads checkpoint-4; we saved 6.
-    "best_between_saves": dict(
-        cfg=dict(max_steps=10, eval_steps=2, save_steps=4, metric_for_best_model="score",
-                 load_best_model_at_end=True),
-        seq=[0.1, 0.2, 0.9, 0.3, 0.3], evals=[2, 4, 6, 8, 10], left=[2, 4, 6, 8, 10], best=6, stop=10),
     # limit 1: best (2) and latest kept during training, only the best at the end.
     "limit1": dict(
         cfg=dict(max_steps=6, eval_steps=2, save_steps=2, save_total_limit=1, metric_for_best_model="score",
                  load_best_model_at_end=True),
         seq=[0.5, 0.3, 0.4], evals=[2, 4, 6], left=[2], best=2, stop=6),
-    # ties keep the earlier best; patience 2 stops after two non-improving evaluations.
-    "ties_patience": dict(
-        cfg=dict(max_steps=12, eval_steps=2, save_steps=2, metric_for_best_model="score",
-                 early_stopping_patience=2),
-        seq=[0.5, 0.5, 0.5, 0.9], evals=[2, 4, 6], left=[2, 4, 6], best=2, stop=6),
-    # threshold: improvements of <= 0.1 count as no improvement; lower is better for a *loss name.
-    "threshold_loss_metric": dict(
-        cfg=dict(max_steps=14, eval_steps=2, save_steps=2, metric_for_best_model="myloss",
-                 early_stopping_patience=2, early_stopping_threshold=0.1),
-        seq=[1.0, 0.95, 0.5, 0.45, 0.44, 0.1], name="myloss", evals=[2, 4, 6, 8, 10], left=[2, 4, 6, 8, 10],
-        best=10, stop=10),
-    # max_steps off the interval: one more evaluation and save at the last step.
-    "max_steps_off_interval": dict(
-        cfg=dict(max_steps=7, eval_steps=3, save_steps=3), seq=[0.1], evals=[3, 6, 7], left=[3, 6, 7],
-        best=None, stop=7),
-    # epoch strategy: 96 rows / batch 16 = 6 updates per epoch.
-    "epoch_strategy": dict(
-        cfg=dict(num_train_epochs=2, eval_strategy="epoch", save_strategy="epoch", metric_for_best_model="score",
-                 greater_is_better=False, load_best_model_at_end=True, save_total_limit=1),
-        seq=[0.2, 0.3], evals=[6, 12], left=[6], best=6, stop=12),
 }
 
 

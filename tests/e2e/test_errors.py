@@ -45,6 +45,7 @@ def bad_cases(tmp: Path, files: dict) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_early_and_touch_nothing(finished_run, tiny_bert, sentiment_files, tmp_path):
     before = tree_digest(finished_run, ignore=())
     for name, (override, message) in bad_cases(tmp_path, sentiment_files).items():
@@ -58,6 +59,7 @@ def test_bad_inputs_fail_early_and_touch_nothing(finished_run, tiny_bert, sentim
         assert tree_digest(finished_run, ignore=()) == before, name
 
 
+@pytest.mark.slow
 def test_fresh_run_into_existing_checkpoints_is_refused(finished_run, tiny_bert, sentiment_files):
     before = tree_digest(finished_run, ignore=())
     with pytest.raises(Exception, match="already holds checkpoints.*--resume_from_checkpoint latest"):
@@ -65,6 +67,7 @@ def test_fresh_run_into_existing_checkpoints_is_refused(finished_run, tiny_bert,
     assert tree_digest(finished_run, ignore=()) == before
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoint_path_is_refused(tiny_bert, sentiment_files, tmp_path):
     torn = tmp_path / "checkpoint-9"
     torn.mkdir()
@@ -73,6 +76,7 @@ def test_incomplete_checkpoint_path_is_refused(tiny_bert, sentiment_files, tmp_p
              "resume_from_checkpoint": str(torn)})
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_and_fast(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scaletune.train", "--train_file", "x.csv", "--lerning_rate", "1"],
                           capture_output=True, text=True, timeout=60)
@@ -111,6 +115,7 @@ def test_config_sources_agree(tmp_path):
         load_config({"train_file": "t", "per_device_train_batchsize": 4})
 
 
+@pytest.mark.slow
 def test_effective_config_is_written(tiny_bert, sentiment_files, tmp_path):
     out = tmp_path / "o"
     run({"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(out), "max_steps": 1,

@@ -7,6 +7,8 @@ import pytest
 
 from scaletune.train import run
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 LINE = "scaletune: torch_compile:"
 
 

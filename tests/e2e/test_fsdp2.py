@@ -47,6 +47,7 @@ def _dry_run(*args, gpus: str = "") -> list[str]:
     return shlex.split(out.stdout.splitlines()[1][len("command: "):])
 
 
+@pytest.mark.slow
 def test_launch_sets_the_cpu_switch_only_for_fsdp_with_cpu():
     cmd = _dry_run("fsdp2", "--cpu", "2")
     assert cmd[:2] == ["ACCELERATE_USE_CPU=true", "SCALETUNE_FSDP_ON_CPU=1"]
@@ -144,6 +145,7 @@ def _evaluate(model_dir: Path, validation_file: str) -> dict:
     return evaluate_classifier(model, tokenizer, validation_file)
 
 
+@pytest.mark.slow
 def test_fsdp2_loss_per_step_equals_ddp_under_accumulation(runs):
     # fp32, the same global batch: FSDP2's reduce-scatter and accumulation without gradient sync
     # (accelerator.no_sync -> set_requires_gradient_sync) give DDP's updates. Step 1 also shows that rank 1,
@@ -155,6 +157,7 @@ def test_fsdp2_loss_per_step_equals_ddp_under_accumulation(runs):
             assert fsdp[step] == pytest.approx(ddp[step], abs=tol), (key, step, fsdp, ddp)
 
 
+@pytest.mark.slow
 def test_checkpoints_are_sharded_complete_and_loadable_in_one_process(runs):
     out = runs["fsdp2"]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -168,6 +171,7 @@ def test_checkpoints_are_sharded_complete_and_loadable_in_one_process(runs):
     assert got["eval_loss"] == pytest.approx(_by_step(out, "eval_loss")[4], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_best_model_reload_and_the_whole_model_export(runs):
     out = runs["fsdp2"]
     evals = _by_step(out, "eval_loss")
@@ -186,6 +190,7 @@ def test_best_model_reload_and_the_whole_model_export(runs):
     assert got["eval_accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_continues_exactly(runs):
     first, resumed = runs["fsdp2"], runs["resumed"]
     assert _by_step(first, "epoch")[2] < 1  # 96 examples / 8 per update: step 2 is mid-epoch
@@ -217,6 +222,7 @@ def resharded(runs, tmp_path_factory, tiny_bert_no_dropout, sentiment_files):
     return out, procs
 
 
+@pytest.mark.slow
 def test_resume_on_another_process_count_reshards(runs, resharded):
     out, procs = resharded
     two = _by_step(runs["fsdp2"], "loss")
@@ -235,6 +241,7 @@ def test_resume_on_another_process_count_reshards(runs, resharded):
         assert state["world_size"] == (2 if name == "four_to_two" else 4) and state["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_bf16_is_fsdps_mixed_precision_policy(runs):
     from safetensors import safe_open
     import torch

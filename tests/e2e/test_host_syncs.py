@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 HOST_BY_DESIGN = (f"{Path('torch') / 'utils' / 'data'}", f"{Path('torch') / 'optim'}")
 

@@ -22,6 +22,8 @@ from scaletune.assets import model_path
 from scaletune.train import run
 from support.tiny import REPO, evaluate_classifier, run_cli
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 MINILM = "packaged:minilm"
 QUIET = {"disable_tqdm": True, "report_to": "none", "do_predict": False, "logging_steps": 1}
 # Evaluate and save at steps 2 and 4; the inverted metric makes step 2 the best, so the end-of-training reload

@@ -17,6 +17,8 @@ import torch
 from scaletune.assets import model_path
 from support.mlm import MINILM, line_examples, minilm_tokenizer, mlm_collator, rotten_texts
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 
 @pytest.fixture(scope="module")
 def tokenizer():

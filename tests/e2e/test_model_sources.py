@@ -49,6 +49,7 @@ def _evaluating_run(tiny_bert, sentiment_files, out, **extra):
                 "disable_tqdm": True, "report_to": "none"}, **extra)
 
 
+@pytest.mark.slow
 def test_a_model_scaletune_loads_runs_no_hub_kernel(hub_kernels_raise, tiny_bert, sentiment_files, tmp_path):
     result = _evaluating_run(tiny_bert, sentiment_files, tmp_path / "run")
     assert [h["step"] for h in result.log_history if "eval_loss" in h] == [2, 4]
@@ -56,6 +57,7 @@ def test_a_model_scaletune_loads_runs_no_hub_kernel(hub_kernels_raise, tiny_bert
     assert "lookup" not in hub_kernels_raise
 
 
+@pytest.mark.slow
 def test_a_users_model_has_its_hub_kernels_turned_off(tiny_bert, sentiment_files, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
@@ -67,6 +69,7 @@ def test_a_users_model_has_its_hub_kernels_turned_off(tiny_bert, sentiment_files
     assert not model.use_kernels and "lookup" not in calls
 
 
+@pytest.mark.slow
 def test_use_hub_kernels_true_kernelizes_before_training(tiny_bert, sentiment_files, tmp_path):
     """On: both modes are kernelized before the first update (on CPU nothing is replaced, and the run trains)."""
     result = _evaluating_run(tiny_bert, sentiment_files, tmp_path / "run", overrides={"use_hub_kernels": True})
@@ -87,6 +90,7 @@ def test_hub_kernels_that_cannot_be_had_are_one_line_before_training(hub_kernels
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_found_writes_nothing(tiny_bert, sentiment_files, tmp_path):
     """Before: a 77-97-line traceback, exit 1, and an empty output dir left behind."""
     out = tmp_path / "never_made"

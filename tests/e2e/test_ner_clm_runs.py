@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from scaletune import data
-from scaletune.tasks.token_classification import read_conll
+from scaletune.conll_format import read_conll
 from scaletune.train import run
 from support.ner_clm import make_tiny_llama, make_tiny_token_bert, ner_files, rotten_lines
 from support.tiny import REPO, accelerate_launch, run_cli
+
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
 QUIET = {"disable_tqdm": True, "report_to": "none"}
 

@@ -17,6 +17,8 @@ import pytest
 from scaletune.train import run
 from support.tiny import REPO, free_port, make_tiny_bert, run_cli
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 QUIET = {"disable_tqdm": True, "report_to": "none", "do_predict": False, "logging_steps": 1}
 
 

@@ -15,10 +15,12 @@ import sys
 import pytest
 
 from scaletune import assets
+from scaletune.conll_format import read_conll
 from scaletune.predict import run_prediction
-from scaletune.tasks.token_classification import read_conll
 from scaletune.train import run
 from support.ner_clm import make_tiny_token_bert, ner_files
+
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
 QUICK = {"max_steps": 2, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 7, "save_strategy": "no",
          "disable_tqdm": True, "report_to": "none", "learning_rate": 1e-3}

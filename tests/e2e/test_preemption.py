@@ -79,6 +79,7 @@ print("survived SIGTERM")
 """
 
 
+@pytest.mark.slow
 def test_watcher_turns_a_signal_into_a_stop_and_shields_child_processes():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "-c", SIGNALS_IN_A_PROCESS], capture_output=True, text=True,
@@ -89,6 +90,7 @@ def test_watcher_turns_a_signal_into_a_stop_and_shields_child_processes():
     assert "rank 0 received SIGUSR1" in proc.stderr
 
 
+@pytest.mark.slow
 def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentiment_files, tmp_path):
     """Only rank 1 gets SIGUSR1 (as when one node is warned before another): both ranks stop after the same
     update, write one complete checkpoint there, and exit cleanly."""

@@ -231,6 +231,7 @@ def _by_step(out: Path, key: str) -> dict:
     return {h["step"]: h[key] for h in _history(out) if key in h}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", LAUNCHED)
 def test_preset_trains_evaluates_saves_and_resumes(preset, work):
     r = run_preset(preset, work)
@@ -256,6 +257,7 @@ def test_preset_trains_evaluates_saves_and_resumes(preset, work):
                                                                                                  abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", [p for p in LAUNCHED if p != "single_gpu"])
 def test_two_processes_match_one_process_with_the_same_global_batch(preset, work):
     """DDP, ZeRO-1/2/3 (+offload) and two machines, 2 x 4 per device == 1 x 8: same loss curve."""
@@ -286,6 +288,7 @@ def _evaluate_exported(model_dir: Path, validation_file: str) -> dict:
             "eval_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["deepspeed_zero3", "deepspeed_zero3_offload"])
 def test_zero3_export_loads_with_from_pretrained_and_reproduces_the_eval(preset, work):
     out = run_preset(preset, work)["first"]
@@ -300,6 +303,7 @@ def test_zero3_export_loads_with_from_pretrained_and_reproduces_the_eval(preset,
     assert ckpt["eval_loss"] == pytest.approx(_by_step(out, "eval_loss")[4], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_through_the_accelerate_config_on_cpu(work):
     """`--mixed_precision bf16` (the accelerate config's field) turns DeepSpeed's bf16 "auto" on."""
     out = work["root"] / "zero2-bf16"
@@ -327,6 +331,7 @@ def _ds_yaml(tmp: Path, ds: dict, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_explicit_deepspeed_value_that_disagrees_fails_before_training(work):
     ds = {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}
     config = _ds_yaml(work["root"], ds, "ds_mismatch")
@@ -348,6 +353,7 @@ def _fp16_supported() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _fp16_supported(), reason="this CPU has no fp16 support for DeepSpeed")
 def test_fp16_overflow_skips_the_update_and_does_not_advance_the_scheduler(work):
     # A loss scale of 2^20 overflows fp16 on the first steps; DeepSpeed halves it until it fits.

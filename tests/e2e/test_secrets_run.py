@@ -8,7 +8,11 @@ output_dir is then read as bytes, W&B's offline transaction log as joined record
 
 from __future__ import annotations
 
+import pytest
+
 from support.wandb_reader import find_runs, read_chunks, read_run
+
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
 KEY = "fakewandbkey" + "7" * 28  # 40 characters: W&B checks an API key's format even offline
 SECRETS = {

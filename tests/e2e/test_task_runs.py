@@ -18,6 +18,8 @@ import torch
 from scaletune import assets
 from scaletune.train import run
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 COMMON = {"max_steps": 4, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
           "max_seq_length": 64, "save_strategy": "no", "disable_tqdm": True, "learning_rate": 1e-3,
           "ignore_mismatched_sizes": True}  # the tiny model was saved with a 2-class head

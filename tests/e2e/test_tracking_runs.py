@@ -12,6 +12,8 @@ from scaletune import tracking as tr
 from support.trackers import assert_trackers_match_jsonl, jsonl_series, read_tensorboard
 from support.wandb_reader import find_runs, read_run
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 
 def _train_args(tiny_bert, files, out, **extra) -> dict:
     return {"model_name_or_path": tiny_bert, "train_file": files["train_file"],

@@ -44,6 +44,7 @@ def test_optimizers_are_trainers_classes_with_their_arguments(tiny_bert):
     assert [g["weight_decay"] for g in built(optim="sgd", weight_decay=0.1).param_groups] == [0.1, 0.0]
 
 
+@pytest.mark.slow
 def test_sgd_trains_differently_from_adamw(tiny_bert, sentiment_files, tmp_path):
     adam = job(tiny_bert, sentiment_files, tmp_path, "adam", max_steps=4)
     sgd = job(tiny_bert, sentiment_files, tmp_path, "sgd", max_steps=4, optim="sgd", optim_args="momentum=0.9")
@@ -52,6 +53,7 @@ def test_sgd_trains_differently_from_adamw(tiny_bert, sentiment_files, tmp_path)
     assert a[-1]["loss"] != pytest.approx(s[-1]["loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_every_schedule_of_get_scheduler_gives_its_learning_rates(tiny_bert, sentiment_files, tmp_path):
     from transformers import get_scheduler
 
@@ -70,6 +72,7 @@ def test_every_schedule_of_get_scheduler_gives_its_learning_rates(tiny_bert, sen
             lr_scheduler_kwargs={"num_cycles": 2})
 
 
+@pytest.mark.slow
 def test_reduce_lr_on_plateau_steps_on_the_evaluation_metric(tiny_bert, sentiment_files, tmp_path):
     # A metric that never improves: with patience 0 the rate halves after every evaluation but the first.
     r = run({"model_name_or_path": tiny_bert, **sentiment_files, **BASE, "output_dir": str(tmp_path / "plateau"),
@@ -82,6 +85,7 @@ def test_reduce_lr_on_plateau_steps_on_the_evaluation_metric(tiny_bert, sentimen
         load_config({"train_file": "x.csv", "lr_scheduler_type": "reduce_lr_on_plateau"})
 
 
+@pytest.mark.slow
 def test_label_smoothing_changes_the_loss_as_torch_defines_it(tiny_bert, sentiment_files, tmp_path):
     from scaletune.losses import CrossEntropy
 
@@ -94,6 +98,7 @@ def test_label_smoothing_changes_the_loss_as_torch_defines_it(tiny_bert, sentime
     assert train_logs(plain)[0]["loss"] != pytest.approx(train_logs(smooth)[0]["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_logging_strategy_epoch_and_no(tiny_bert, sentiment_files, tmp_path):
     # 96 rows / 8 = 12 updates per epoch.
     by_epoch = job(tiny_bert, sentiment_files, tmp_path, "epoch", num_train_epochs=2, logging_strategy="epoch")
@@ -102,6 +107,7 @@ def test_logging_strategy_epoch_and_no(tiny_bert, sentiment_files, tmp_path):
     assert train_logs(silent) == []
 
 
+@pytest.mark.slow
 def test_num_input_tokens_seen_counts_every_non_padding_token(tiny_bert, sentiment_files, tmp_path):
     from transformers import AutoTokenizer
 
@@ -115,6 +121,7 @@ def test_num_input_tokens_seen_counts_every_non_padding_token(tiny_bert, sentime
     assert seen == sorted(seen) and seen[-1] == total  # one epoch: every training token once
 
 
+@pytest.mark.slow
 def test_eval_accumulation_steps_gives_the_same_metrics(tiny_bert, sentiment_files, tmp_path):
     a = job(tiny_bert, sentiment_files, tmp_path, "acc1", max_steps=2, per_device_eval_batch_size=4)
     b = job(tiny_bert, sentiment_files, tmp_path, "acc3", max_steps=2, per_device_eval_batch_size=4,
@@ -123,6 +130,7 @@ def test_eval_accumulation_steps_gives_the_same_metrics(tiny_bert, sentiment_fil
         assert b.metrics[key] == pytest.approx(value, rel=1e-9) or (math.isnan(value) and math.isnan(b.metrics[key]))
 
 
+@pytest.mark.slow
 def test_tf32_without_an_ampere_gpu_is_an_error(tiny_bert, sentiment_files, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -130,6 +138,7 @@ def test_tf32_without_an_ampere_gpu_is_an_error(tiny_bert, sentiment_files, tmp_
         job(tiny_bert, sentiment_files, tmp_path, "tf32", max_steps=1, tf32=True)
 
 
+@pytest.mark.slow
 def test_exported_model_has_a_model_card(tiny_bert, sentiment_files, tmp_path):
     r = job(tiny_bert, sentiment_files, tmp_path, "card", max_steps=4, eval_strategy="steps", eval_steps=2,
             save_strategy="steps", save_steps=2, load_best_model_at_end=True, metric_for_best_model="accuracy")
@@ -147,6 +156,7 @@ def test_exported_model_has_a_model_card(tiny_bert, sentiment_files, tmp_path):
     assert [float(v) for _, v in rows] == pytest.approx([h["eval_loss"] for h in evals], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_save_only_model_checkpoints_hold_weights_only(tiny_bert, sentiment_files, tmp_path):
     r = job(tiny_bert, sentiment_files, tmp_path, "only", max_steps=4, eval_strategy="steps", eval_steps=2,
             save_strategy="steps", save_steps=2, load_best_model_at_end=True, save_only_model=True)
@@ -162,6 +172,7 @@ def test_save_only_model_checkpoints_hold_weights_only(tiny_bert, sentiment_file
             save_only_model=True, resume_from_checkpoint="latest")
 
 
+@pytest.mark.slow
 def test_background_and_foreground_saves_resume_identically(tiny_bert, sentiment_files, tmp_path):
     """The background writer's checkpoint is the one accelerate's save_state writes: same files, same resume."""
     runs = {}
@@ -197,6 +208,7 @@ def test_ddp_and_compile_arguments_reach_the_accelerator(monkeypatch):
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.slow
 def test_exported_and_checkpointed_weights_are_readable_like_every_other_file(tiny_bert, sentiment_files, tmp_path):
     import os
     import stat

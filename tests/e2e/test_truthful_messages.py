@@ -20,6 +20,8 @@ from scaletune.errors import DataError
 from scaletune.train import run
 from support.faults import describe, logs, pause, start, stop, train_cmd, wait_for
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 START_TIMEOUT = 300  # bound for start-up and a few steps on 2 busy cores (prevents hangs; not a timing)
 PROMISE = "will checkpoint after the current update and stop"
 FINISHING = "received SIGINT after the last update: training is over, finishing the final evaluation"

@@ -18,6 +18,8 @@ from scaletune.errors import DataError
 from scaletune.predict import run_prediction
 from scaletune.train import run
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 QUICK = {"max_steps": 1, "per_device_train_batch_size": 8, "save_strategy": "no", "do_predict": False,
          "disable_tqdm": True, "report_to": "none"}
 QUIET_ENV = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",

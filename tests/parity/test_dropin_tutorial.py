@@ -72,6 +72,7 @@ def job(tmp_path_factory):
     return tmp, script, len(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_tutorial_script_runs_with_two_edits(job, processes):
     tmp, script, n_test = job

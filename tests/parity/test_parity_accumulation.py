@@ -24,6 +24,8 @@ from support.parity import (make_trainer, max_abs_diff, prepared_mlm, rel, token
                             uneven_lines, weights)
 from support.tiny import make_tiny_bert
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 N, B = 4, 2  # accumulation steps, micro-batch size: one update = 8 examples
 STEPS = 3
 COMMON = dict(max_steps=STEPS, logging_steps=1, learning_rate=1e-2, lr_scheduler_type="constant", seed=11,

@@ -192,6 +192,7 @@ def assert_reload_happened(o: Outcome, output_dir, side: str):
     assert max_abs_diff(weights(output_dir / f"checkpoint-{o.reloaded}"), o.final_weights) == 0, side
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_decisions_match_trainer(case, job, tmp_path):
     ours = run_scaletune(job, case.args, case.metrics, tmp_path / "scaletune")
@@ -230,6 +231,7 @@ def test_grid_covers_the_issue():
     assert seen("eval_on_start") and seen("max_steps", 10) and seen("max_steps", 12)
 
 
+@pytest.mark.slow
 def test_patience_counter_survives_resume_unlike_trainer(job, tmp_path):
     """Ours (§13): the early-stopping counter is part of the checkpoint. Part 1 stops at max_steps=3 with two
     evaluations without improvement; part 2 resumes to max_steps=12. We stop at the next evaluation without
@@ -253,6 +255,7 @@ def test_patience_counter_survives_resume_unlike_trainer(job, tmp_path):
     assert ours.best_step == theirs.best_step == 1 and ours.reloaded == theirs.reloaded == 1
 
 
+@pytest.mark.slow
 def test_resume_latest_without_checkpoint_starts_fresh_unlike_trainer(job, tmp_path):
     """Ours (§15): `latest` with no checkpoint trains from scratch, so a requeued job is idempotent; Trainer's
     `train(resume_from_checkpoint=True)` raises instead."""

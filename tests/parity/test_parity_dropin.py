@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from scaletune.train import run
 from support.parity import rel, tokenized_classification, trainer_args
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 JOB = dict(per_device_train_batch_size=8, num_train_epochs=2, seed=11, learning_rate=3e-3, logging_steps=1,
            eval_strategy="no", save_strategy="no", max_grad_norm=1.0)
 

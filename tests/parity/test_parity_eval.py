@@ -22,6 +22,8 @@ from scaletune.train import run
 from support.parity import make_trainer, prepared_mlm, rel, tokenized_classification, uneven_lines
 from support.tiny import accelerate_launch
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 EVAL_BATCH = 8
 METRICS = ("accuracy", "precision", "recall", "f1", "matthews_correlation")
 

@@ -15,6 +15,8 @@ import pytest
 from scaletune.train import run
 from support.parity import make_trainer, max_abs_diff, rel, tokenized_classification, weights
 
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
+
 # 96 rows / batch 8 = 12 updates per epoch; 5 epochs = 60 steps, four epoch boundaries.
 JOB = dict(per_device_train_batch_size=8, per_device_eval_batch_size=16, num_train_epochs=5, seed=7,
            learning_rate=3e-3, weight_decay=0.1, warmup_steps=6, max_grad_norm=0.5, lr_scheduler_type="linear",

@@ -58,6 +58,7 @@ def side_by_side(tmp_path_factory):
     return namespace, out
 
 
+@pytest.mark.slow
 def test_documented_trainer_script_and_command_make_the_same_run(side_by_side):
     namespace, out = side_by_side
     trainer, predictions = namespace["trainer"], namespace["predictions"]

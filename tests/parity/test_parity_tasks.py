@@ -9,10 +9,14 @@ same seed, one process, fp32, no accumulation, no dropout. Trainer counts a caus
 
 from __future__ import annotations
 
-from scaletune.tasks.token_classification import read_conll
+import pytest
+
+from scaletune.conll_format import read_conll
 from scaletune.train import run
 from support.ner_clm import make_tiny_llama, make_tiny_token_bert, ner_files, rotten_lines
 from support.parity import rel, trainer_args
+
+pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
 TOL = 1e-5
 JOB = dict(per_device_train_batch_size=8, seed=11, learning_rate=5e-3, weight_decay=0.01, warmup_steps=2,

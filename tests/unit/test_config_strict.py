@@ -141,6 +141,7 @@ CLI_CASES = ["int given a fraction (trained 1 step)", "learning rate nan", "max_
              "seed negative", "unknown key"]
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_train_cli_reports_a_bad_config_as_one_line_and_exit_code_2(name):
     args, expected = BAD_CLI[name]
@@ -152,6 +153,7 @@ def test_train_cli_reports_a_bad_config_as_one_line_and_exit_code_2(name):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_config_errors_are_raised_before_torch_is_imported():
     code = ("import sys\n"
             "from scaletune.train import main\n"
@@ -163,7 +165,7 @@ def test_config_errors_are_raised_before_torch_is_imported():
 
 
 def test_a_deepspeed_checkpoint_from_outside_the_output_dir_needs_trust(tmp_path):
-    from scaletune.checkpointer import check_trusted
+    from scaletune.resume import check_trusted
     from scaletune.errors import CheckpointError
 
     outside, root = tmp_path / "elsewhere" / "checkpoint-4", tmp_path / "run"

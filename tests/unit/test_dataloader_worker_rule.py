@@ -102,6 +102,7 @@ def _epoch_ids(loader, epoch, skip=0, accelerator=None):
     return ids, torch.random.get_rng_state()
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_workers_see_the_same_batches_in_the_same_order_and_draw_the_same_rng(accelerator):
     """The seeded order (and a mid-epoch skip) is decided in the main process: workers only collate. The global
     RNG after an epoch (what dropout draws next) is the same too."""

@@ -37,6 +37,7 @@ def differences(got: list[dict], golden: list[dict]) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_per_step_loss_and_grad_norm_match_the_golden_file(job, cpu_accelerator, tmp_path):
     golden = read_golden()[job]

@@ -16,6 +16,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_train_help_lists_every_key_of_the_reference_grouped():
     proc = cli("-m", "scaletune.train", "--help")
     assert proc.returncode == 0, proc.stderr
@@ -33,6 +34,7 @@ def test_train_help_lists_every_key_of_the_reference_grouped():
     assert "--per_device_train_batch_size INT\n        Micro-batch size per process. (default: 8)" in out
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_predict_help_lists_its_own_options_whole():
     from scaletune import predict
 
@@ -47,6 +49,7 @@ def test_predict_help_lists_its_own_options_whole():
     assert "(default: 32)" in out and "Required." in out
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 @pytest.mark.parametrize("module", ["scaletune.train", "scaletune.predict"])
 def test_help_does_not_import_torch(module):
     # runpy with run_name="__main__" is exactly `python -m module --help`, and leaves sys.modules to inspect.
@@ -59,6 +62,7 @@ def test_help_does_not_import_torch(module):
     assert proc.stdout.strip().splitlines()[-1] == "TORCH False"
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_python_m_scaletune_config_prints_the_reference():
     proc = cli("-m", "scaletune.config")
     assert proc.returncode == 0, proc.stderr

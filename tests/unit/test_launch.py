@@ -36,6 +36,7 @@ def opt(words: list[str], name: str) -> str:
     return words[words.index(name) + 1]
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_help_lists_every_preset():
     out = launch("--help").stdout
     for preset in PRESETS:
@@ -43,6 +44,7 @@ def test_help_lists_every_preset():
     assert "--dry-run" in out and "--cpu N" in out
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_dry_run_prints_global_batch_and_the_command():
     summary, cmd = dry_run("deepspeed_zero2", "--cpu", "2", *TRAIN, "--max_steps", "5")
     assert summary == "global batch size: 24 = 4 per device x 3 accumulation x 2 processes"
@@ -55,6 +57,7 @@ def test_dry_run_prints_global_batch_and_the_command():
     assert not any(w.startswith("ACCELERATE_USE_CPU") for w in cmd)
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_launcher_options_may_come_anywhere_and_cpu_mode_for_ddp():
     summary, cmd = dry_run("multi_gpu", *TRAIN, "--cpu", "2", "--mixed_precision", "bf16")
     assert cmd[0] == "ACCELERATE_USE_CPU=true"
@@ -62,6 +65,7 @@ def test_launcher_options_may_come_anywhere_and_cpu_mode_for_ddp():
     assert "--cpu" not in cmd[cmd.index("scaletune.train"):]
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_processes_follow_the_visible_gpus():
     summary, cmd = dry_run("multi_gpu", *TRAIN, env={"CUDA_VISIBLE_DEVICES": "0,1,2"})
     assert opt(cmd, "--num_processes") == "3" and "ACCELERATE_USE_CPU=true" not in cmd
@@ -72,6 +76,7 @@ def test_processes_follow_the_visible_gpus():
     assert opt(cmd, "--num_processes") == "1"
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_multi_node_takes_its_topology_from_flags_or_slurm():
     summary, cmd = dry_run("multi_node", *TRAIN, "--num_machines", "2", "--machine_rank", "1",
                            "--main_process_ip", "node1", "--main_process_port", "12345",
@@ -86,11 +91,13 @@ def test_multi_node_takes_its_topology_from_flags_or_slurm():
                                   "--num_processes")] == ["3", "2", "head", "23456", "6"]
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_deepspeed_json_path_is_absolute_so_launch_works_from_any_directory(tmp_path):
     _, cmd = dry_run("deepspeed_zero3_offload", "--cpu", "2", *TRAIN, cwd=tmp_path)
     assert opt(cmd, "--deepspeed_config_file") == str(REPO / "accelerate_configs" / "deepspeed_zero3_offload.json")
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_a_path_to_your_own_accelerate_config_is_a_preset(tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n")
@@ -98,6 +105,7 @@ def test_a_path_to_your_own_accelerate_config_is_a_preset(tmp_path):
     assert opt(cmd, "--config_file") == str(own)
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 @pytest.mark.parametrize("args, env, message", [
     (["no_such_preset"], {}, "unknown preset 'no_such_preset'; one of: deepspeed_zero1"),
     ([], {}, "no PRESET given"),

@@ -72,6 +72,7 @@ def test_an_empty_or_partial_lock_is_never_taken_for_a_dead_owners(tmp_path):
         assert lock.read_text() == content  # left as it is
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_a_lock_is_taken_over_only_when_its_pid_and_start_time_name_a_dead_process(tmp_path):
     import socket
 

@@ -151,6 +151,7 @@ def test_the_exported_model_is_a_plain_masked_lm(built, tmp_path):
     assert model(**inputs).logits.shape == (1, inputs["input_ids"].shape[1], model.config.vocab_size)
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_task_modules_import_without_torch():
     """train.preflight reads task.metric_names for every task before torch is imported: a bad config must
     fail in well under a second."""

@@ -14,18 +14,11 @@ import pytest
 import torch
 
 from scaletune.config import ConfigError, load_config
+from scaletune.errors import DataError
 from scaletune.tasks import get_task
-from scaletune.tasks.mlm import (
-    GROUP_BATCH_SIZE,
-    MaskedLMTask,
-    embedding_resize_target,
-    find_text_column,
-    group_texts,
-    masked_token_accuracy,
-    perplexity,
-    resize_token_embeddings,
-    resolve_max_seq_length,
-)
+from scaletune.tasks.mlm import GROUP_BATCH_SIZE, MaskedLMTask, masked_token_accuracy
+from scaletune.tasks.text import (embedding_resize_target, find_text_column, group_texts, perplexity,
+                                  resize_token_embeddings, resolve_max_seq_length)
 from support.mlm import MINILM, line_examples, minilm_tokenizer, mlm_collator, rotten_texts
 
 
@@ -113,7 +106,7 @@ def test_text_column_choice_and_error():
 
 
 def test_too_little_text_for_one_block_is_a_clear_error(tokenizer):
-    with pytest.raises(ConfigError, match="fewer than max_seq_length=512.*line_by_line"):
+    with pytest.raises(DataError, match="fewer than max_seq_length=512.*line_by_line"):
         _prepare(tokenizer, ["just a few words"], max_seq_length=512)
 
 

@@ -148,6 +148,7 @@ def test_config_choices_and_conflicts():
         load_config({"train_file": "x.csv", "attn_implementation": "flash"})
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_padding_free_with_the_users_own_collator_is_refused_before_any_work(tmp_path):
     from scaletune.train import run
 

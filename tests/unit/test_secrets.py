@@ -150,6 +150,7 @@ def test_tensorboard_alone_needs_no_wandb_login(tmp_path):
     check_report_to(None, {}, tmp_path / "missing-netrc")
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_login_check_imports_neither_wandb_nor_torch(tmp_path):
     """It runs in preflight, before anything heavy: importing wandb alone costs seconds."""
     netrc = write_netrc(tmp_path / "netrc", ("api.wandb.ai", "k" * 40))

@@ -20,13 +20,13 @@ import torch
 
 from scaletune import assets
 from scaletune.config import ConfigError, load_config
+from scaletune.conll_format import read_conll
 from scaletune.data import load_raw_datasets
 from scaletune.errors import DataError
 from scaletune.tasks import get_task
 from scaletune.tasks.clm import (PadCollator, ShiftedCrossEntropy, next_token_accuracy, predicted_tokens,
                                  unigram_perplexity)
-from scaletune.tasks.token_classification import (align_labels, b_to_i_map, entity_metrics, read_conll,
-                                                  split_sentences)
+from scaletune.tasks.conll import align_labels, b_to_i_map, entity_metrics, split_sentences
 from support.ner_clm import conll_sentences, make_tiny_llama, ner_files, write_conll_file
 
 
@@ -174,6 +174,7 @@ def _run_error(weightless_model, tmp_path, train_rows, validation_rows) -> str:
 GOOD = [{"id": f"s{i}", "tokens": ["Anna", "went", "home"], "ner_tags": ["B-PER", "O", "O"]} for i in range(3)]
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_ragged_tokens_and_tags(weightless_model, tmp_path):
     bad = GOOD + [{"id": "s9", "tokens": ["Anna", "went"], "ner_tags": ["B-PER", "O", "O"]}]
     msg = _run_error(weightless_model, tmp_path, bad, GOOD)
@@ -181,12 +182,14 @@ def test_ragged_tokens_and_tags(weightless_model, tmp_path):
     assert "2 words and 3 tags" in msg and "exactly one tag per word" in msg
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_a_tag_outside_the_training_tags(weightless_model, tmp_path):
     bad = [{"id": "v1", "tokens": ["Oslo"], "ner_tags": ["B-LOC"]}]
     msg = _run_error(weightless_model, tmp_path, GOOD, bad)
     assert msg.startswith("The validation split has tags ['B-LOC'] that are not among the 2 training tags")
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_a_sentence_with_no_tokens_and_an_empty_word(weightless_model, tmp_path):
     msg = _run_error(weightless_model, tmp_path, GOOD + [{"id": "s7", "tokens": [], "ner_tags": []}], GOOD)
     assert "train split has 1 sentence(s) with no words (id s7)" in msg
@@ -195,6 +198,7 @@ def test_a_sentence_with_no_tokens_and_an_empty_word(weightless_model, tmp_path)
     assert "an empty or non-text word (id s8)" in msg
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_tags_as_bare_numbers_and_a_missing_tags_column(weightless_model, tmp_path):
     numbers = [{"tokens": ["Anna", "went"], "ner_tags": [1, 0]}]
     assert "numbers without names" in _run_error(weightless_model, tmp_path, numbers, numbers)
@@ -203,6 +207,7 @@ def test_tags_as_bare_numbers_and_a_missing_tags_column(weightless_model, tmp_pa
     assert "No column of tags" in msg and "--label_column_name" in msg
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_a_conll_line_without_a_tag_is_named_by_file_and_line(weightless_model, tmp_path):
     from scaletune.train import run
 

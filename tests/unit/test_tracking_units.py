@@ -229,6 +229,7 @@ def test_curves_png_is_a_real_plot_of_the_jsonl(tmp_path):
 # --------------------------------------------------------------------------- RunTracker against real trackers
 
 
+@pytest.mark.slow  # launches a process or a run (tests/conftest.py)
 def test_tracker_writes_jsonl_wandb_tensorboard_and_resumes_the_same_run(tmp_path, monkeypatch, accelerator):
     wandb_dir = tmp_path / "wb"
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -92,11 +92,9 @@ def _option(flag: str, doc: str, default: str | None) -> list[str]:
 
 
 def help_text(prog: str = "scaletune.train") -> str:
-    """`python -m scaletune.train --help` (every config key, grouped) or `python -m scaletune.predict --help`."""
-    if prog == "scaletune.predict":
-        return _predict_help()
+    """`python -m scaletune.train --help`: every config key, grouped (predict's is `function_help`)."""
     if prog != "scaletune.train":
-        raise ValueError(f"no help text for {prog!r}; use scaletune.train or scaletune.predict.")
+        raise ValueError(f"no help text for {prog!r}; commands that mirror a function use function_help.")
     recipes = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
     lines = [
         "usage: python -m scaletune.train [CONFIG] [--key value ...]",
@@ -126,44 +124,26 @@ def help_text(prog: str = "scaletune.train") -> str:
     return "\n".join(lines)
 
 
-# predict's own options: name, type and default come from `predict.predict`'s signature (the CLI mirrors it);
-# the meaning from here, else from the config field of the same name.
-PREDICT_DOCS = {
-    "model_dir": "Folder with the model: the output_dir of a `scaletune.train` run (its config.yaml gives the task, "
-                 "columns, maximum length and label settings), or any classification / token-classification "
-                 "`save_pretrained` folder (task read from its config.json).",
-    "test_file": "CSV/TSV/JSON/JSONL/parquet file with the examples to predict, in the run's columns (token "
-                 "classification: also a CoNLL `.conll`/`.txt` file, with or without a tag column). Labels, if "
-                 "every row has one, give test metrics; they must be among the model's labels.",
-    "output_file": "Where the predictions are written (its folder is created). Default: "
-                   "MODEL_DIR/predictions_new.csv (token classification: MODEL_DIR/predictions_new.conll).",
-    "text_column_names": "The text column(s), comma separated (token classification: the column of word lists), "
-                         "when the file's differ from the run's. Default: the run's.",
-    "max_seq_length": "Longer inputs are truncated (>= 1). Default: the run's max_seq_length (128 for "
-                      "classification when the run left it unset), capped at the tokenizer's limit.",
-    "batch_size": "Examples per forward pass (on the GPU when there is one).",
-}
-
-
-def _predict_help() -> str:
-    from .. import predict as module
-
-    doc = inspect.getdoc(module).split("\n\n")
-    hints = typing.get_type_hints(module.predict)
-    params = list(inspect.signature(module.predict).parameters.values())
+def function_help(prog: str, function, description: str, option_docs: dict[str, str]) -> str:
+    """`--help` for a command that mirrors a function (`python -m scaletune.predict`): the first parameter is
+    the positional argument, the others `--name` options; name, type and default come from the signature, the
+    meaning from `option_docs`, else from the config field of the same name. The command passes its function
+    in, so nothing here imports it (config stays below every command)."""
+    hints = typing.get_type_hints(function)
+    params = list(inspect.signature(function).parameters.values())
     docs = {name: d for group in field_docs().values() for name, d in group.items()}
     positional, options = params[0], params[1:]  # MODEL_DIR, then --name options
     usage = [positional.name.upper()] + [
         f"--{p.name} {metavar(hints[p.name])}" if p.default is inspect.Parameter.empty
         else f"[--{p.name} {metavar(hints[p.name])}]" for p in options]
-    lines = textwrap.wrap("usage: python -m scaletune.predict " + " ".join(usage), WIDTH,
+    lines = textwrap.wrap(f"usage: python -m {prog} " + " ".join(usage), WIDTH,
                           subsequent_indent=" " * 7, break_on_hyphens=False)
-    lines += ["", *textwrap.wrap(" ".join(" ".join(doc[1:]).split()), WIDTH), "", "positional arguments:"]
-    lines += _option(positional.name.upper(), PREDICT_DOCS.get(positional.name, ""), None)
+    lines += ["", *textwrap.wrap(" ".join(description.split()), WIDTH), "", "positional arguments:"]
+    lines += _option(positional.name.upper(), option_docs.get(positional.name, ""), None)
     lines += ["", "options:", "  -h, --help", f"{INDENT}Show this help and exit."]
     for p in options:
         required = p.default is inspect.Parameter.empty
         lines += _option(f"--{p.name} {metavar(hints[p.name])}",
-                         (PREDICT_DOCS.get(p.name) or docs.get(p.name, "")) + (" Required." if required else ""),
+                         (option_docs.get(p.name) or docs.get(p.name, "")) + (" Required." if required else ""),
                          None if required else default_text(p.default))
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from ..errors import ConfigError
+from ..metric_names import bare_name, best_metric
 from .checks import check_types
 from .checks import number_text as _num
 from .checks import require as _require
@@ -31,7 +32,7 @@ LOWER_IS_BETTER = ("mse", "rmse", "mae", "perplexity")
 
 
 def lower_is_better(metric: str) -> bool:
-    name = metric.removeprefix("eval_")
+    name = bare_name(metric)
     return name.endswith("loss") or name in LOWER_IS_BETTER
 
 
@@ -213,7 +214,7 @@ class TrainingArguments:
             raise ConfigError("bf16 and fp16 are both set; choose one.")
         # Trainer's defaults, filled in so the saved config.yaml says what the run did.
         if self.metric_for_best_model is None and (self.load_best_model_at_end or self.early_stopping_patience):
-            self.metric_for_best_model = "loss"
+            self.metric_for_best_model = best_metric(None)
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = not lower_is_better(self.metric_for_best_model)
 

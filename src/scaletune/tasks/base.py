@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
+from ..errors import DataError
+
 if TYPE_CHECKING:
     from ..losses import ItemLoss
 
@@ -43,6 +45,14 @@ class PreparedData:
     config.yaml so that `scaletune.predict` reads the same ones from a new file. Empty for tokenized user data."""
     label_column: Optional[str] = None
     """The column the targets came from (token classification: the tags column it found)."""
+
+
+def present_splits(raw) -> dict:
+    """The train / validation / test splits the dataset has (others are ignored); at least one."""
+    splits = {s: raw[s] for s in ("train", "validation", "test") if s in raw}
+    if not splits:
+        raise DataError("The dataset has no train, validation or test split.")
+    return splits
 
 
 class Task:

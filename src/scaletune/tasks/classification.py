@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import DataError
 from ..losses import ItemLoss
 from .base import PreparedData, Task
-from .labels import ID_COLUMNS, detect_label_kind, is_float_feature, is_list_feature, is_missing, label_source, row_names
+from .labels import detect_label_kind, id_column, is_float_feature, is_list_feature, is_missing, label_source, row_names
 from .outputs import classification_metrics, write_prediction_file
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class ClassificationTask(Task):
                                    load_from_cache_file=not d.overwrite_cache, desc=f"Tokenizing {split}")
                 setattr(prepared, split, tokenized)
         if "test" in raw:
-            id_col = next((c for c in ID_COLUMNS if c in raw["test"].column_names), None)
+            id_col = id_column(raw["test"].column_names)
             prepared.test_ids = list(raw["test"][id_col]) if id_col else list(range(len(raw["test"])))
 
     # ------------------------------------------------------------------ model

@@ -31,12 +31,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
 from ..losses import IGNORE_INDEX, ItemLoss, row_cross_entropy
 from ..model_source import load_config
 from .base import PreparedData, Task
-from .text import (_column_names, _empty_split_message, _is_stream, _string_columns, _truncate, find_text_column,
-                   group_texts, perplexity, resize_token_embeddings, resolve_max_seq_length)
+from .packing import FlatteningCollator
+from .text import (column_names, group_texts, is_stream, map_settings, perplexity, resize_token_embeddings,
+                   row_indices, text_splits, tokenized_splits)
 
 logger = logging.getLogger(__name__)
 
@@ -135,93 +135,6 @@ class PadCollator:
         return batch
 
 
-class FlatteningCollator:
-    """`padding_free`: the batch's examples end to end in one row, no padding. transformers'
-    `DataCollatorWithFlattening` does the flattening: position ids restart at 0 per example, and each example's
-    first label is -100, so no position is scored on the next example's first token and `ShiftedCrossEntropy`
-    counts exactly the tokens the padded batch counts. It adds `use_cache=False`: with a cache (the default in
-    transformers 5 even in training) the model builds a plain causal mask over the whole row and attends
-    across examples; without one it builds the per-example block mask from the position ids."""
-
-    def __init__(self):
-        from transformers import DataCollatorWithFlattening
-
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-
-    def __call__(self, examples: list[Mapping]) -> dict:
-        batch = self.flatten([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
-        batch["use_cache"] = False
-        return batch
-
-
-PACKING_TOLERANCE = 1e-4
-"""Largest |logit difference| allowed, relative to the largest |logit|, between one example packed after two
-different examples of the same length. Attention kept per example leaves it unchanged (the same kernels on the
-same shapes: 0 in fp32 and bf16 alike); a model that attends across examples changes it far more (0.3-0.4% for
-a 2-layer random BLOOM, whose ALiBi bias fades with distance)."""
-
-
-def _one_layer_copy(model, name: str):
-    """The model's class and config with one layer and fresh weights, built outside ZeRO-3's partitioning."""
-    import copy
-
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = 1
-    try:
-        return type(model)(config)
-    except Exception as e:  # an architecture whose config cannot shrink that way
-        raise ConfigError(f"padding_free=true: ZeRO-3 partitioned the weights of {name} at load, and a one-layer "
-                          f"copy to check its attention could not be built ({e}); set attn_implementation="
-                          f"flash_attention_2, or padding_free=false.") from e
-
-
-def check_packed_attention(model) -> None:
-    """Refuse `padding_free` for a model whose attention would mix the examples of a flattened row: pack one
-    short example after another, as FlatteningCollator does, then after a different one of the same length, and
-    compare its logits. (Comparing with the example alone would also compare two kernels, whose bf16 rounding
-    differs by up to 25% of a logit.) flash_attention_2/3 are trusted: their varlen kernels take the example
-    boundaries from the position ids. Weights that ZeRO-3 partitioned at load are checked on a one-layer copy of
-    the architecture."""
-    import torch
-
-    from ..evaluation import model_inputs
-
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl.startswith("flash_attention"):
-        return
-    name = f"{model.config.model_type} with {impl} attention"
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        # ZeRO-3 loaded the weights straight into shards: this model cannot run a forward before `prepare`.
-        # Whether attention keeps packed examples apart is a property of the architecture, not of the weights.
-        model = _one_layer_copy(model, name)
-    vocab = model.get_input_embeddings().num_embeddings
-    flatten = FlatteningCollator()
-    example = [i % vocab for i in range(23, 27)]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # no dropout: the two forwards must differ only if attention crosses examples
-    logits = []
-    try:
-        with torch.no_grad():
-            for before in (range(11, 16), range(31, 36)):
-                before = [i % vocab for i in before]
-                row = flatten([{"input_ids": before, "labels": before}, {"input_ids": example, "labels": example}])
-                # What the loop's forward gets from a flattened batch (flags as they are, tensors on the device).
-                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(row).items()}
-                logits.append(model(**inputs).logits[0, len(before):].float())
-    except (TypeError, ValueError) as e:  # e.g. a forward that takes no position_ids
-        raise ConfigError(f"padding_free=true: {name} cannot run a flattened batch ({e}); set padding_free=false "
-                          f"or attn_implementation=flash_attention_2.") from e
-    finally:
-        model.train(was_training)
-    # Host-device sync point: once, at load.
-    mixed = float((logits[0] - logits[1]).abs().max() / logits[1].abs().max().clamp(min=1e-12))
-    if mixed > PACKING_TOLERANCE:
-        raise ConfigError(f"padding_free=true: {name} attends across the examples packed in one row (an example's "
-                          f"logits change by {mixed:.2%} with the example before it); set padding_free=false, or "
-                          f"attn_implementation=flash_attention_2 on a GPU.")
-
-
 # --------------------------------------------------------------------------- the task
 
 
@@ -266,13 +179,7 @@ class CausalLMTask(Task):
 
     def prepare_data(self, raw, tokenizer, cfg, main_process_first: Callable) -> PreparedData:
         d = cfg.data
-        splits = {s: raw[s] for s in ("train", "validation", "test") if s in raw}
-        if not splits:
-            raise DataError("The dataset has no train, validation or test split.")
-        first = splits.get("train", next(iter(splits.values())))
-        text_column = find_text_column(_column_names(first), d.text_column_name, _string_columns(first))
-        block_size = resolve_max_seq_length(d.max_seq_length, tokenizer.model_max_length,
-                                            getattr(load_config(cfg.model), "max_position_embeddings", None))
+        splits, text_column, block_size = text_splits(raw, tokenizer, cfg)
         if d.padding_free and not d.line_by_line:
             logger.warning("padding_free=true with grouped blocks (line_by_line=false): every block holds %d tokens, "
                            "so there is no padding to save, and under sdpa/eager attention the attention spans the "
@@ -284,45 +191,33 @@ class CausalLMTask(Task):
         if held_out is not None and d.sample_prompts:
             self.prompts = _prompts(held_out, text_column, d.sample_prompts)
 
-        limits = {"train": d.max_train_samples, "validation": d.max_eval_samples, "test": d.max_predict_samples}
-        out, info = {}, {"block_size": block_size, "text_column": text_column,
-                         "mode": "line_by_line" if d.line_by_line else "grouped"}
-        with main_process_first():
-            for split, ds in splits.items():
-                self._count_blank(split, ds, text_column)
-                tokenized = self._tokenize(ds, tokenizer, text_column, block_size, d, split, info)
-                out[split] = _truncate(tokenized, limits[split])
-        for split, ds in out.items():
-            if not _is_stream(ds):
-                info[f"{split}_examples"] = len(ds)
-                if len(ds) == 0:
-                    raise DataError(_empty_split_message(split, block_size, d.line_by_line, "run_clm.py"))
+        info = {"block_size": block_size, "text_column": text_column,
+                "mode": "line_by_line" if d.line_by_line else "grouped"}
+
+        def tokenize(split, ds):
+            self._count_blank(split, ds, text_column)
+            return self._tokenize(ds, tokenizer, text_column, block_size, d, split, info)
+
+        out = tokenized_splits(splits, tokenize, d, main_process_first, info, block_size, "run_clm.py")
         train = out.get("train")
-        if train is not None and not _is_stream(train):
+        if train is not None and not is_stream(train):
             self._train_counts = _token_counts(train, len(tokenizer))
         test = out.get("test")
-        return PreparedData(train=train, validation=out.get("validation"), test=test,
-                            test_ids=list(range(len(test))) if test is not None and not _is_stream(test) else None,
+        return PreparedData(train=train, validation=out.get("validation"), test=test, test_ids=row_indices(test),
                             info=info, text_columns=(text_column,))
 
     @staticmethod
     def _count_blank(split: str, ds, text_column: str) -> None:
-        if _is_stream(ds):
+        if is_stream(ds):
             return
         blank = sum(1 for t in ds[text_column] if not isinstance(t, str) or not t.strip())
         if blank:
             logger.warning("%d of %d %s texts are empty or not text: they add no tokens.", blank, len(ds), split)
 
     def _tokenize(self, ds, tokenizer, text_column, block_size, d, split, info):
-        stream = _is_stream(ds)
-        columns = _column_names(ds)
-        # A map on a stream runs lazily and has no cache, workers or progress bar.
-        map_kw = {} if stream else dict(num_proc=d.preprocessing_num_workers,
-                                        load_from_cache_file=not d.overwrite_cache)
-
-        def desc(s):
-            return {} if stream else {"desc": f"{s} ({split})"}
-
+        stream = is_stream(ds)
+        columns = column_names(ds)
+        map_kw, desc = map_settings(ds, d, split)
         if d.line_by_line:
             tokenized = ds.map(_Tokenize(tokenizer, text_column, block_size), batched=True, remove_columns=columns,
                                **map_kw, **desc("Tokenizing line by line"))
@@ -445,7 +340,7 @@ def sample_continuations(model_dir: str, prompts: list[str], max_new_tokens: int
 
 
 def _prompts(ds, text_column: str, count: int) -> list[str]:
-    rows = islice(iter(ds), 10 * count) if _is_stream(ds) else (ds[i] for i in range(min(len(ds), 10 * count)))
+    rows = islice(iter(ds), 10 * count) if is_stream(ds) else (ds[i] for i in range(min(len(ds), 10 * count)))
     out = []
     for row in rows:
         text = row.get(text_column)

@@ -4,6 +4,7 @@ label column means, and row names for error messages."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from ..errors import ConfigError
 
@@ -82,9 +83,14 @@ def detect_label_kind(raw, cfg) -> str:
     return "classification"
 
 
+def id_column(column_names) -> Optional[str]:
+    """The column that identifies a row (`id`, `idx` or `guid`, the first present), or None."""
+    return next((c for c in ID_COLUMNS if c in column_names), None)
+
+
 def row_names(ds, rows: list[int]) -> str:
     """How an error names rows: by the id column when there is one, else by 0-based index in the split."""
-    id_col = next((c for c in ID_COLUMNS if c in ds.column_names), None)
+    id_col = id_column(ds.column_names)
     shown = rows[:_SHOWN_ROWS]
     more = ", ..." if len(rows) > _SHOWN_ROWS else ""
     if id_col:

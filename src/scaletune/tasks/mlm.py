@@ -35,15 +35,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..model_source import load_config
-from ..config import ConfigError
 from ..losses import SparseTokenCrossEntropy, labelled_first
 from .base import PreparedData, Task
-from .text import (  # noqa: F401  (re-exported: the MLM helpers' historical home)
-    DEFAULT_MAX_BLOCK, _column_names, _empty_split_message, _is_stream, _string_columns, _truncate,
-    embedding_resize_target, find_text_column, group_texts, non_empty_lines, perplexity, resize_token_embeddings,
-    resolve_max_seq_length, untrained_head_weights,
-)
+from .text import (column_names, group_texts, map_settings, non_empty_lines, perplexity, resize_token_embeddings,
+                   row_indices, text_splits, tokenized_splits, untrained_head_weights)
 
 # torch and transformers are imported where they are used: train.preflight imports this module (for
 # metric_names) before torch is imported, so that a bad config fails in well under a second.
@@ -207,41 +204,21 @@ class MaskedLMTask(Task):
         if tokenizer.mask_token is None:
             raise ConfigError(f"The tokenizer of {cfg.model.model_name_or_path!r} has no mask token, so it cannot "
                               "do masked-LM; use a BERT/RoBERTa-style model or set tokenizer_name.")
-        splits = {s: raw[s] for s in ("train", "validation", "test") if s in raw}
-        if not splits:
-            raise ConfigError("The dataset has no train, validation or test split.")
-        first = splits.get("train", next(iter(splits.values())))
-        text_column = find_text_column(_column_names(first), d.text_column_name, _string_columns(first))
-        block_size = resolve_max_seq_length(
-            d.max_seq_length, tokenizer.model_max_length, getattr(load_config(cfg.model), "max_position_embeddings", None)
-        )
-
-        limits = {"train": d.max_train_samples, "validation": d.max_eval_samples, "test": d.max_predict_samples}
-        out = {}
-        with main_process_first():
-            for split, ds in splits.items():
-                tokenized = self._tokenize(ds, tokenizer, text_column, block_size, d, split)
-                out[split] = _truncate(tokenized, limits[split])
-
+        splits, text_column, block_size = text_splits(raw, tokenizer, cfg)
         info = {"block_size": block_size, "text_column": text_column,
                 "mode": "line_by_line" if d.line_by_line else "grouped"}
-        for split, ds in out.items():
-            if not _is_stream(ds):
-                info[f"{split}_examples"] = len(ds)
-                if len(ds) == 0:
-                    raise ConfigError(_empty_split_message(split, block_size, d.line_by_line))
+
+        def tokenize(split, ds):
+            return self._tokenize(ds, tokenizer, text_column, block_size, d, split)
+
+        out = tokenized_splits(splits, tokenize, d, main_process_first, info, block_size, "run_mlm.py")
         test = out.get("test")
-        test_ids = list(range(len(test))) if test is not None and not _is_stream(test) else None
         return PreparedData(train=out.get("train"), validation=out.get("validation"), test=test,
-                            test_ids=test_ids, info=info, text_columns=(text_column,))
+                            test_ids=row_indices(test), info=info, text_columns=(text_column,))
 
     def _tokenize(self, ds, tokenizer, text_column, block_size, d, split):
-        stream = _is_stream(ds)
-        columns = _column_names(ds)
-        # A map on a stream runs lazily and has no cache, workers or progress bar.
-        map_kw = {} if stream else dict(num_proc=d.preprocessing_num_workers,
-                                        load_from_cache_file=not d.overwrite_cache)
-        desc = (lambda s: {}) if stream else (lambda s: {"desc": f"{s} ({split})"})
+        columns = column_names(ds)
+        map_kw, desc = map_settings(ds, d, split)
 
         if d.line_by_line:
             def tokenize_lines(examples):

@@ -141,6 +141,7 @@ class MultiLabelTask(ClassificationTask):
         col = cfg.data.label_column_name
         label_to_id = {lab: i for i, lab in enumerate(labels)}
         known = set(labels)
+        self._labels = list(labels)  # the encoding's label order: flattened outputs are reshaped by it
         for split, ds in raw.items():
             if col not in ds.column_names or split == "train":
                 continue

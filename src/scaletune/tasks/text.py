@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import math
 from itertools import chain
-from typing import Optional
+from typing import Callable, Optional
 
-from ..config import ConfigError
+from ..errors import ConfigError, DataError
+from ..model_source import max_position_embeddings
+from .base import present_splits
 
 logger = logging.getLogger("scaletune.tasks.mlm")  # the name users and tests already filter on
 
@@ -88,21 +90,21 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
-def _string_columns(ds) -> Optional[list[str]]:
+def string_columns(ds) -> Optional[list[str]]:
     features = getattr(ds, "features", None)
     if not features:
         return None
     return [name for name, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
 
 
-def _column_names(ds) -> list[str]:
+def column_names(ds) -> list[str]:
     names = getattr(ds, "column_names", None)
     if names is None:  # a stream whose features are unknown until read
         names = list(next(iter(ds)).keys())
     return list(names)
 
 
-def _is_stream(ds) -> bool:
+def is_stream(ds) -> bool:
     import datasets
 
     return isinstance(ds, datasets.IterableDataset)
@@ -123,18 +125,63 @@ def resize_token_embeddings(model, num_tokens: int) -> Optional[int]:
     return target
 
 
-def _truncate(ds, limit: Optional[int]):
+def first_rows(ds, limit: Optional[int]):
+    """The first `limit` rows (max_*_samples); all of them when `limit` is None."""
     if limit is None:
         return ds
-    if _is_stream(ds):
+    if is_stream(ds):
         return ds.take(limit)
     return ds.select(range(min(limit, len(ds))))
 
 
-def _empty_split_message(split: str, block_size: int, line_by_line: bool, script: str = "run_mlm.py") -> str:
+def empty_split_error(split: str, block_size: int, line_by_line: bool, script: str) -> DataError:
     """Why a split yields no example after grouping or line filtering; `script`: the example script whose rule
     this follows (run_mlm.py, run_clm.py)."""
     if line_by_line:
-        return f"The {split} split has no non-empty line; check text_column_name and the data file."
-    return (f"The {split} split has fewer than max_seq_length={block_size} tokens in total, so grouping yields no "
-            f"block ({script} drops the remainder); lower max_seq_length, add data, or use line_by_line.")
+        return DataError(f"The {split} split has no non-empty line; check text_column_name and the data file.")
+    return DataError(f"The {split} split has fewer than max_seq_length={block_size} tokens in total, so grouping "
+                     f"yields no block ({script} drops the remainder); lower max_seq_length, add data, or use "
+                     f"line_by_line.")
+
+
+def text_splits(raw, tokenizer, cfg) -> tuple[dict, str, int]:
+    """The language-model tasks' start: the splits present, the text column (train's, else the first split's)
+    and the block size (max_seq_length capped by the tokenizer's and the model's limits)."""
+    d = cfg.data
+    splits = present_splits(raw)
+    first = splits.get("train", next(iter(splits.values())))
+    text_column = find_text_column(column_names(first), d.text_column_name, string_columns(first))
+    block_size = resolve_max_seq_length(d.max_seq_length, tokenizer.model_max_length,
+                                        max_position_embeddings(cfg.model))
+    return splits, text_column, block_size
+
+
+def map_settings(ds, d, split: str) -> tuple[dict, Callable[[str], dict]]:
+    """`datasets.map` keywords for a split (workers, cache) and its progress-bar label: a map on a stream runs
+    lazily and has no cache, workers or progress bar."""
+    if is_stream(ds):
+        return {}, lambda step: {}
+    return (dict(num_proc=d.preprocessing_num_workers, load_from_cache_file=not d.overwrite_cache),
+            lambda step: {"desc": f"{step} ({split})"})
+
+
+def tokenized_splits(splits: dict, tokenize: Callable, d, main_process_first: Callable, info: dict,
+                     block_size: int, script: str) -> dict:
+    """Each split as `tokenize(split, ds)` makes it (on the main process first: the others read its cache), cut
+    to its max_*_samples. A split left with no example is an error; the example counts go into `info`."""
+    limits = {"train": d.max_train_samples, "validation": d.max_eval_samples, "test": d.max_predict_samples}
+    out = {}
+    with main_process_first():
+        for split, ds in splits.items():
+            out[split] = first_rows(tokenize(split, ds), limits[split])
+    for split, ds in out.items():
+        if not is_stream(ds):
+            info[f"{split}_examples"] = len(ds)
+            if len(ds) == 0:
+                raise empty_split_error(split, block_size, d.line_by_line, script)
+    return out
+
+
+def row_indices(ds) -> Optional[list[int]]:
+    """The identifiers of a split's rows in a prediction file: their indices (None for a stream or no split)."""
+    return list(range(len(ds))) if ds is not None and not is_stream(ds) else None

@@ -27,12 +27,10 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..losses import IGNORE_INDEX
-from .base import PreparedData, Task
-from .conll import (  # noqa: F401  (the pure pieces; tests and predict import them from here too)
-    CONLL_SUFFIXES, DOCSTART, _conll_splits, align_labels, b_to_i_map, conll_dataset, entity_metrics, is_conll_file,
-    read_conll, split_sentences, word_tags, write_conll,
-)
-from .labels import is_list_feature, row_names
+from .base import PreparedData, Task, present_splits
+from ..conll_format import write_conll
+from .conll import align_labels, b_to_i_map, conll_splits, entity_metrics, split_sentences, word_tags
+from .labels import id_column, is_list_feature, row_names
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +70,8 @@ class TokenClassificationTask(Task):
             raise ConfigError(f"Token classification needs a fast tokenizer (it maps sub-words back to words), and "
                               f"{type(tokenizer).__name__} is not one; use a model with a tokenizer.json, or set "
                               f"tokenizer_name to one.")
-        raw = _conll_splits(raw, cfg)
-        splits = {s: raw[s] for s in ("train", "validation", "test") if s in raw}
-        if not splits:
-            raise DataError("The dataset has no train, validation or test split.")
+        raw = conll_splits(raw, cfg)
+        splits = present_splits(raw)
         words_col, tags_col = self.columns(splits, cfg)
         for split, ds in splits.items():
             self._check_rows(split, ds, words_col, tags_col)
@@ -99,7 +95,7 @@ class TokenClassificationTask(Task):
                     self.test_word_index = [list(w) for w in tokenized["word_index"]]
                     self.test_positions = [[w for w, lab in zip(wi, labs) if lab != IGNORE_INDEX]
                                            for wi, labs in zip(self.test_word_index, tokenized["labels"])]
-                    ids_col = next((c for c in ("id", "idx", "guid") if c in ds.column_names), None)
+                    ids_col = id_column(ds.column_names)
                     prepared.test_ids = list(ds[ids_col]) if ids_col else list(range(len(ds)))
                 setattr(prepared, split, tokenized.remove_columns(["word_index", "lost_words"]))
         return prepared
@@ -296,19 +292,14 @@ class TokenClassificationTask(Task):
             logger.warning("%d test word(s) had no prediction (no sub-word within max_seq_length) and were written "
                            "with tag %s.", missing, self.outside_tag())
 
-    def predict_words(self, argmax_rows: list[np.ndarray]) -> tuple[list[list[str]], int]:
-        """Word tags of the test sentences from each sentence's argmax over its sub-word positions (`predict`)."""
-        out, missing = [], 0
-        for words, word_index, row in zip(self.test_words, self.test_word_index, argmax_rows):
-            positions, predicted = [], []
-            for w, tag in zip(word_index, row):
-                if w >= 0:
-                    positions.append(w)
-                    predicted.append(self.label_list[int(tag)])
-            sentence_tags, lost = word_tags(len(words), positions, predicted, self.outside_tag())
-            out.append(sentence_tags)
-            missing += lost
-        return out, missing
+    def mark_words(self, test):
+        """An untagged test split (`scaletune.predict`) with each word's first sub-word as a labelled position
+        (label 0): inference then hands back the predictions at the positions `write_predictions` reads."""
+        marks = [[0 if w >= 0 and (i == 0 or row[i - 1] != w) else IGNORE_INDEX for i, w in enumerate(row)]
+                 for row in self.test_word_index]
+        self.test_positions = [[w for w, mark in zip(row, marked) if mark != IGNORE_INDEX]
+                               for row, marked in zip(self.test_word_index, marks)]
+        return test.remove_columns("labels").add_column("labels", marks)
 
 
 class _Encoder:
@@ -354,7 +345,7 @@ def _cut_fix(unknown: list, cfg, train, words_col: str, tags_col: Optional[str])
         return None
     whole_cfg = copy.deepcopy(cfg)
     whole_cfg.data.max_train_samples = None
-    whole = _conll_splits(load_raw_datasets(whole_cfg), whole_cfg).get("train")
+    whole = conll_splits(load_raw_datasets(whole_cfg), whole_cfg).get("train")
     if whole is None or len(whole) <= limit or whole.select(range(limit))[words_col] != train[words_col]:
         return None
     in_whole = {t for tags in whole[tags_col] for t in tags}
@@ -382,10 +373,10 @@ def _id2label(model_config, fallback: list[str]) -> list[str]:
 def _max_length(requested: Optional[int], tokenizer, cfg) -> int:
     """max_seq_length, else the tokenizer's limit (run_ner.py); either capped by the model's position table, which
     a longer sentence would overrun in its first forward pass."""
-    from ..model_source import load_config
+    from ..model_source import max_position_embeddings
 
     limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else DEFAULT_MAX_LENGTH
-    positions = getattr(load_config(cfg.model), "max_position_embeddings", None)
+    positions = max_position_embeddings(cfg.model)
     if positions:
         limit = min(limit, positions)
     if requested and requested > limit:

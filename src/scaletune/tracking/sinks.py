@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ..metric_names import split_of
 from ..secrets import redact_values, secret_values
 
 DEFAULT_WANDB_PROJECT = "scaletune"
@@ -19,10 +20,8 @@ DEFAULT_WANDB_PROJECT = "scaletune"
 
 def tracker_key(name: str) -> str:
     """Trainer-style metric name -> tracker name, as transformers' `rewrite_logs` (eval_loss -> eval/loss)."""
-    for prefix in ("eval", "test"):
-        if name.startswith(prefix + "_"):
-            return f"{prefix}/{name[len(prefix) + 1:]}"
-    return f"train/{name}"
+    split = split_of(name)
+    return f"{split}/{name[len(split) + 1:]}" if split else f"train/{name}"
 
 
 def tracker_metrics(metrics: Mapping[str, Any]) -> dict:
@@ -127,7 +126,7 @@ def wandb_summary(summary: Mapping[str, Any]) -> dict:
     for k, v in summary.items():
         if v is None:
             continue
-        if k.startswith(("eval_", "test_")):
+        if split_of(k):
             out[tracker_key(k)] = v
         else:
             out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Mapping, Optional
 
+from ..metric_names import SPLITS, best_metric, metric_key
 from .jsonl import to_python
 
 
@@ -24,12 +25,11 @@ def format_summary(summary: Mapping[str, Any], metric_for_best: Optional[str], w
     if summary.get("global_step") is not None:
         rows.append(("steps", f"{summary['global_step']}  in {_hms(elapsed_s)}"))
     if summary.get("best_metric") is not None:
-        name = metric_for_best or "metric"
-        name = name if name.startswith(("eval_", "test_")) else f"eval_{name}"
+        name = metric_key(best_metric(metric_for_best))
         rows.append(("best", f"{name} = {summary['best_metric']:.6g} at step {summary.get('best_global_step')}"))
     if summary.get("best_model_checkpoint"):
         rows.append(("best checkpoint", str(summary["best_model_checkpoint"])))
-    for prefix in ("eval", "test"):  # final metrics: one wrapped row per split
+    for prefix in SPLITS:  # final metrics: one wrapped row per split
         finals = [f"{k[len(prefix) + 1:]} {_short(to_python(v))}" for k, v in summary.items()
                   if k.startswith(prefix + "_")]
         for i, chunk in enumerate(textwrap.wrap("  ".join(finals), 80)):

@@ -1,0 +1,55 @@
+"""Checks that need no model or data loading, before anything is built: bad input fails in seconds, and
+nothing already written is touched. Ends by claiming the output dir (resume.py).
+
+No torch import here (the `--help` and bad-input paths stay fast): a check that needs torch belongs to build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from . import data, lora, resume
+from .config import Config, ConfigError
+from .distributed.backend import Backend
+from .dropin import UserParts
+from .model_source import check_sources
+from .metric_names import check_metric_for_best_model
+from .tasks import get_task
+from .tracking import check_report_to
+
+
+def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[resume.Resume]:
+    """Returns the checkpoint this run continues, read once (None: a fresh start)."""
+    t = cfg.training
+    check_report_to(t.report_to)
+    user = user or UserParts()
+    if not user.brings_data and cfg.data.dataset_name is None and cfg.data.train_file is None and t.do_train:
+        raise ConfigError("No training data: set dataset_name or train_file (or pass train_dataset to run()).")
+    if t.metric_for_best_model and user.compute_metrics is None:  # a custom compute_metrics is only known later
+        check_metric_for_best_model(t.metric_for_best_model, get_task(cfg.data.task).metric_names, cfg.data.task)
+    if t.on_nonfinite == "skip" and not Backend.requested().skips_nonfinite:
+        raise ConfigError("on_nonfinite=skip is not possible under DeepSpeed, which applies the update inside "
+                          "backward before the loss can be checked; use on_nonfinite=stop.")
+    if t.use_liger_kernel and user.compute_loss_func is not None:
+        raise ConfigError("use_liger_kernel=true computes the loss inside the model, so the compute_loss_func "
+                          "passed to run() would not be used: drop one of them.")
+    if user.model is not None and t.do_train and not cfg.peft.use_peft and not any(
+            p.requires_grad for p in user.model.parameters()):
+        raise ConfigError(f"The {type(user.model).__name__} passed to run() has no trainable parameters (all "
+                          f"frozen), so training cannot change it: unfreeze some, or set do_train=false.")
+    data.check_files(cfg)
+    check_sources(cfg.model, needs_model=user.model is None)  # before the output dir is made
+    lora.preflight(cfg)
+    return resume.preflight(t)
+
+
+def run_config(cfg: Config, resumed: Optional[resume.Resume]) -> Config:
+    """The config this run trains with: the one given, except that a resume on another process count keeps
+    the checkpoint's global batch with the accumulation `resume.preflight` worked out. A new value, so the
+    given config is never rewritten; everything built from it (the Accelerator, the DeepSpeed config, the plan,
+    config.yaml, the model card, the trackers) sees the one accumulation that runs."""
+    if resumed is None or resumed.accumulation == cfg.training.gradient_accumulation_steps:
+        return cfg
+    training = dataclasses.replace(cfg.training, gradient_accumulation_steps=resumed.accumulation)
+    return dataclasses.replace(cfg, training=training)
