@@ -9,6 +9,9 @@ slow", and so does using a fixture that launched one for an earlier (slow) test.
 is every pure test, whichever folder it lives in (unit/, e2e/, parity/, cluster/).
 Layout: unit/ rules, config, docs; e2e/ real runs in-process and with accelerate launch; parity/ against
 transformers.Trainer; cluster/ a real Slurm (tests/gpu marks its own tests slow).
+The suite runs on two pytest-xdist workers, a file at a time (`-n 2 --dist loadfile`, README): what tests share
+outside their tmp_path (the Slurm cluster of cluster/test_slurm.py, which edits /etc/hosts; the benchmarks'
+tiny models, cached under fixed names in the temp dir) is shared within one file only.
 """
 
 from __future__ import annotations

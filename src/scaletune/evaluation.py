@@ -11,6 +11,7 @@ same reason, from the task's own `ItemLoss` (the seam training uses: no second c
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import numpy as np
@@ -139,20 +140,18 @@ def _to_float(v):
         return v  # user compute_metrics may return non-numeric values; pass them through
 
 
+@dataclass
 class Evaluator:
     """Evaluates the model on the validation set and tracks the best metric and the patience counter."""
 
-    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, task: Task,
-                 loss: ItemLoss, args: TrainingArguments, compute_metrics: Optional[Callable] = None,
-                 preprocess_logits: Optional[Callable] = None):
-        self.accelerator = accelerator
-        self.model = model
-        self.dataloader = dataloader
-        self.task = task
-        self.loss = loss
-        self.args = args
-        self.compute_metrics = compute_metrics
-        self.preprocess_logits = preprocess_logits
+    accelerator: Accelerator
+    model: torch.nn.Module
+    dataloader: Optional[DataLoader]
+    task: Task
+    loss: ItemLoss
+    args: TrainingArguments
+    compute_metrics: Optional[Callable] = None
+    preprocess_logits: Optional[Callable] = None
 
     def evaluate(self, dataloader: Optional[DataLoader] = None, prefix: str = "eval") -> PredictionOutput:
         # `is None`, not `or`: the truth value of a DataLoader is its length, which a stream does not have.
