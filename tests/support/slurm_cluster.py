@@ -10,13 +10,15 @@ What it does (see /work/shared/notes/slurm-on-one-machine.md for why each settin
     every client at it through $SLURM_CONF, so /etc/slurm is never touched;
   - starts munged (unless one already answers), slurmctld and `slurmd -N nodeK` in the foreground as child
     processes, and waits for the nodes to be idle;
-  - tears down by the pids it recorded: cancels jobs, stops the daemons it started, restores /etc/hosts.
+  - tears down by the pids it recorded: cancels jobs, stops the daemons it started, removes its /etc/hosts line.
 
 Skips (with the reason) where that is impossible: not root, or no Slurm and no apt-get.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import re
@@ -138,7 +140,7 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._procs: list[subprocess.Popen] = []
-        self._hosts_backup: str | None = None
+        self._hosts_line: str | None = None  # the line this cluster added to /etc/hosts
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -169,9 +171,11 @@ class SlurmCluster:
                     proc.kill()
                     proc.wait(timeout=5)
         self._procs.clear()
-        if self._hosts_backup is not None:
-            Path("/etc/hosts").write_text(self._hosts_backup)  # in place: /etc/hosts may be a bind mount
-            self._hosts_backup = None
+        if self._hosts_line is not None:
+            with _hosts_locked():
+                lines = HOSTS.read_text().splitlines()
+                HOSTS.write_text("".join(f"{line}\n" for line in lines if line != self._hosts_line))
+            self._hosts_line = None
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _is_ours(self, pid: int) -> bool:
@@ -228,12 +232,15 @@ class SlurmCluster:
         self.conf.chmod(0o644)
 
     def _add_node_names_to_hosts(self) -> None:
-        hosts = Path("/etc/hosts")
-        text = hosts.read_text()
-        missing = [n for n in self.nodes if not _resolves(n)]
-        if missing:
-            self._hosts_backup = text
-            hosts.write_text(text.rstrip("\n") + f"\n127.0.0.1 {' '.join(missing)}\n")
+        """The node names must resolve. Only this cluster's own line is added, and later removed: a restored
+        copy of the whole file would drop what another cluster (or anyone) wrote meanwhile."""
+        with _hosts_locked():
+            missing = [n for n in self.nodes if not _resolves(n)]
+            if missing:
+                self._hosts_line = f"127.0.0.1 {' '.join(missing)}  # scaletune test cluster {os.getpid()}"
+                # In place (/etc/hosts may be a bind mount), under the lock: two clusters starting at once once
+                # read each other's half-written file and left /etc/hosts without localhost.
+                HOSTS.write_text(HOSTS.read_text().rstrip("\n") + f"\n{self._hosts_line}\n")
 
     def _all_nodes_idle(self) -> bool:
         out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, check=False).stdout
@@ -305,6 +312,20 @@ class SlurmCluster:
 
     def wait_done(self, job_id: str, timeout: float = 180) -> dict:
         return self.wait_until(job_id, lambda r: r.get("JobState") in TERMINAL_STATES, timeout, "to finish")
+
+
+HOSTS = Path("/etc/hosts")
+
+
+@contextlib.contextmanager
+def _hosts_locked():
+    """Every edit of /etc/hosts by a test cluster holds this lock, across processes."""
+    with open(Path(tempfile.gettempdir()) / "scaletune-etc-hosts.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _resolves(name: str) -> bool:
