@@ -76,8 +76,8 @@ def effective_config(cfg: Config) -> dict:
 
 
 def build(cfg: Config, user: dropin.UserParts, resume: Optional[Resume]) -> Run:
-    """Collective: every rank builds the same run. `cfg` is the run's config (resume-adapted, see
-    `resume.run_config`)."""
+    """Collective: every rank builds the same run. `cfg` is the config the run trains with
+    (`preflight.run_config`: the given one, with the accumulation a resume on another process count needs)."""
     t = cfg.training
     accelerator = build_accelerator(cfg)
     backend = Backend.of(accelerator)
