@@ -91,13 +91,14 @@ def build(cfg: Config, user: dropin.UserParts, resume: Optional[Resume]) -> Run:
     task = get_task(cfg.data.task)
     tokenizer = build_tokenizer(cfg, user)
     prepared, workers = build_data(cfg, user, task, tokenizer, accelerator)
+    config = effective_config(cfg)
     if resume is not None:
-        check_resume_compatible(resume, effective_config(cfg))
+        check_resume_compatible(resume, config)
     model = build_model(cfg, user, task, prepared, tokenizer, accelerator)
     loaders = build_loaders(cfg, user, task, prepared, tokenizer, workers)
     loaders, model, optimizer, scheduler, plan = prepare(cfg, accelerator, model, loaders, prepared)
 
-    config_yaml = yaml.safe_dump(effective_config(cfg), sort_keys=False)
+    config_yaml = yaml.safe_dump(config, sort_keys=False)
     checkpointer = Checkpointer(accelerator, t, model, tokenizer, config_yaml)
     meter = ThroughputMeter(model, accelerator)
     train_data = TrainData(loaders.train, accelerator, plan.accumulation, meter) if plan is not None else None

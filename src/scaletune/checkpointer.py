@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from . import checkpoint, lora, model_weights, schedule
+from .disk import remove_folder
 from .distributed.backend import Backend
 from .errors import CheckpointError
 from .state import TrainingState, checkpoint_name
@@ -56,7 +57,7 @@ class Checkpointer:
         bad config or data file costs nothing already written."""
         if self.accelerator.is_main_process:
             for path in checkpoint.list_checkpoints(self.root).values():
-                checkpoint.remove_folder(path)
+                remove_folder(path)
         self.accelerator.wait_for_everyone()
 
     def save(self, state: TrainingState) -> None:
@@ -114,9 +115,9 @@ class Checkpointer:
 
         saved_world, world = resume.saved.world_size, resume.world_size
         with loadable(self.accelerator, self.model, path, saved_world, self.root) as folder:
-            checkpoint.load_checkpoint(self.accelerator, folder, self.model, resume.saved)
+            # A copy: the Resume value stays as read.
+            state = checkpoint.load_checkpoint(self.accelerator, folder, self.model, copy.deepcopy(resume.saved))
         self.resumed_from = path
-        state = copy.deepcopy(resume.saved)  # the Resume value stays as read
         if not resume.same_world:
             # The same samples of the global order were consumed: batch k of rank r is global batch k*world+r.
             state.batches_in_epoch = state.batches_in_epoch * saved_world // world
