@@ -19,7 +19,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import data, dropin, lora, schedule
+from . import data, dropin, eval_sets, lora, schedule
 from .checkpointer import Checkpointer
 from .config import RESOLVED_SECTION, Config, ConfigError
 from .distributed.accelerator import build_accelerator, configure_model
@@ -141,7 +141,9 @@ def prepare(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, loade
     everything through `accelerator.prepare`."""
     t = cfg.training
     optimizer = build_optimizer(model, t)
-    loaders = Loaders(*accelerator.prepare(loaders.train, loaders.eval, loaders.test))
+    evals = eval_sets.as_dict(loaders.eval)  # several evaluation sets: a loader each
+    train, *prepared_evals, test = accelerator.prepare(loaders.train, *evals.values(), loaders.test)
+    loaders = Loaders(train, eval_sets.from_dict(dict(zip(evals, prepared_evals))), test)
     plan = None
     if t.do_train:
         batches = len(loaders.train) if hasattr(prepared.train, "__len__") else None  # a stream has no length
@@ -157,7 +159,7 @@ def prepare(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, loade
 def build_tokenizer(cfg: Config, user: dropin.UserParts) -> Any:
     """The user's tokenizer, else the config's, else (for the user's own model) the one it was loaded from: its
     config's name_or_path (the default model_name_or_path is not that model's). None when nothing is tokenized."""
-    if user.processing_class is not None or (user.model is not None and user.brings_data):
+    if user.brings_tokenization:
         return user.processing_class
     m = cfg.model
     source = m.tokenizer_name or (m.model_name_or_path if user.model is None
@@ -177,7 +179,9 @@ def build_data(cfg: Config, user: dropin.UserParts, task: Task, tokenizer, accel
                                              getattr(user.model, "config", None))
     else:
         raw = data.load_raw_datasets(cfg, streaming=cfg.data.streaming)
-        prepared = task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first)
+        sets = eval_sets.load_validation_sets(cfg, streaming=cfg.data.streaming)
+        prepared = (eval_sets.prepare_with_sets(task, raw, sets, tokenizer, cfg, accelerator.main_process_first)
+                    if sets else task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first))
     workers, why = data.dataloader_workers(cfg.training, user_collator=user.data_collator is not None)
     if why:
         accelerator.print(f"scaletune: dataloader workers: {why}", flush=True)
@@ -226,7 +230,9 @@ def build_loaders(cfg: Config, user: dropin.UserParts, task: Task, prepared: Pre
 
     loaders = Loaders(
         train=loader(prepared.train, True, t.per_device_train_batch_size) if t.do_train else None,
-        eval=loader(prepared.validation, False, t.per_device_eval_batch_size) if prepared.validation else None,
+        eval=eval_sets.from_dict({name: loader(ds, False, t.per_device_eval_batch_size)
+                                  for name, ds in eval_sets.as_dict(prepared.validation).items()})
+        if prepared.validation else None,
         test=(loader(prepared.test, False, t.per_device_eval_batch_size)
               if prepared.test is not None and t.do_predict else None))
     if (t.eval_strategy != "no" or t.load_best_model_at_end) and loaders.eval is None:

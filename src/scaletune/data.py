@@ -16,6 +16,7 @@ from typing import Optional
 from . import assets
 from .errors import DataError, ScaletuneError, first_line
 from .model_source import DATASETS_OFFLINE, hub_offline
+from .splits import carve_validation_split
 
 # File extension -> `datasets` builder (and its options).
 _BUILDERS = {
@@ -51,14 +52,18 @@ def data_files(cfg) -> dict[str, str]:
 def check_files(cfg) -> None:
     """Fail in milliseconds on missing or unsupported files, before torch or the model is loaded."""
     d = cfg.data
-    paths = {split: p for split, p in (("train", d.train_file), ("validation", d.validation_file),
-                                        ("test", d.test_file)) if p is not None}
-    for split, path in paths.items():
+    # (what the data is, the key that names the file) -> path
+    paths = {(f"{split} split", f"{split}_file"): p for split, p in (("train", d.train_file),
+                                                                     ("validation", d.validation_file),
+                                                                     ("test", d.test_file)) if p is not None}
+    paths.update({(f"validation set {name!r}", f"validation_files[{name!r}]"): p
+                  for name, p in (d.validation_files or {}).items()})
+    for (what, key), path in paths.items():
         if not os.path.isfile(path):
-            raise DataError(f"{split}_file {path!r} does not exist.")
-        _check_utf8(split, path)
+            raise DataError(f"{key} {path!r} does not exist.")
+        _check_utf8(key, path)
         if _has_no_rows(path):
-            raise DataError(f"The {split} split is empty: {split}_file {path!r} holds no rows.")
+            raise DataError(f"The {what} is empty: {key} {path!r} holds no rows.")
     builders = {_builder_for(p)[0] for p in paths.values()}
     if len(builders) > 1:
         raise DataError(f"Data files mix formats ({', '.join(sorted(builders))}); use one format for all splits.")
@@ -85,7 +90,7 @@ def _hub_dataset(d):
                         f"config, or use train_file.") from None
 
 
-def _check_utf8(split: str, path: str) -> None:
+def _check_utf8(key: str, path: str) -> None:
     """Text formats are read as UTF-8 (as `datasets` does): say so, naming the encoding problem, before loading."""
     if Path(path).suffix.lower() == ".parquet":
         return
@@ -96,7 +101,7 @@ def _check_utf8(split: str, path: str) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as e:
-                raise DataError(f"{split}_file {path!r} is not UTF-8 (byte {offset + e.start}: 0x{chunk[e.start]:02x}); "
+                raise DataError(f"{key} {path!r} is not UTF-8 (byte {offset + e.start}: 0x{chunk[e.start]:02x}); "
                                 f"convert it, e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`.") from None
             offset += len(chunk)
 
@@ -133,17 +138,20 @@ def load_raw_datasets(cfg, streaming: bool = False):
                 raw = datasets.load_dataset(d.dataset_name, d.dataset_config_name, cache_dir=m.cache_dir,
                                             streaming=streaming)
         if files:  # explicit files override the hub's splits
-            extra = _load_files(files, m.cache_dir, streaming)
+            extra = load_files(files, m.cache_dir, streaming)
             for split in extra:
                 raw[split] = extra[split]
     else:
-        raw = _load_files(files, m.cache_dir, streaming)
+        raw = load_files(files, m.cache_dir, streaming)
     raw = datasets.DatasetDict(raw) if not streaming else datasets.IterableDatasetDict(raw)
     raw = _rename_splits(raw)
+    if d.validation_files:  # they replace the dataset's validation split, and nothing is carved from train
+        raw.pop("validation", None)
+    _check_one_type(raw, d)
     if "train" not in raw and cfg.training.do_train:
         raise DataError(f"The dataset has no train split (splits: {', '.join(raw) or 'none'}); set train_file.")
-    if "validation" not in raw and "train" in raw and d.validation_split_percentage > 0:
-        raw = _carve_validation(raw, d.validation_split_percentage, cfg.training.seed, streaming)
+    if "validation" not in raw and "train" in raw and d.validation_split_percentage > 0 and not d.validation_files:
+        raw = carve_validation_split(raw, d.validation_split_percentage, cfg.training.seed, streaming)
     for split, limit in (("train", d.max_train_samples), ("validation", d.max_eval_samples),
                          ("test", d.max_predict_samples)):
         # MLM counts max_*_samples in blocks after grouping, as run_mlm.py (tasks/mlm.py truncates).
@@ -156,7 +164,22 @@ def load_raw_datasets(cfg, streaming: bool = False):
     return raw
 
 
-def _load_files(files: dict, cache_dir, streaming: bool):
+def _check_one_type(raw, d) -> None:
+    """A JSON column whose rows hold values of different types (1 and "neg") is read as datasets' `Json` feature
+    (any JSON value), which no task can read: pyarrow would fail inside the task with a traceback. Checked for
+    the columns the config names (another column's types are no concern of the run)."""
+    named = {d.label_column_name, *(c.strip() for c in (d.text_column_names or "").split(","))}
+    for split, ds in raw.items():
+        for column, feature in (getattr(ds, "features", None) or {}).items():
+            if column in named and type(feature).__name__ == "Json":
+                kinds = sorted({type(v).__name__ for v in ds[:1000][column]}) if hasattr(ds, "__len__") else []
+                raise DataError(f"The {column!r} column of the {split} split mixes value types"
+                                f"{' (' + ', '.join(kinds) + ')' if kinds else ''}: give every row the same type "
+                                f"(labels all strings or all integers).")
+
+
+def load_files(files: dict, cache_dir, streaming: bool):
+    """{split: local file} as a DatasetDict (or streams): the one reader of local files, by their extension."""
     import datasets
 
     if not files:
@@ -166,9 +189,29 @@ def _load_files(files: dict, cache_dir, streaming: bool):
         if not os.path.isfile(path):
             raise DataError(f"{split}_file {path!r} does not exist.")
     try:
-        return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, streaming=streaming, **options)
-    except Exception as e:  # datasets wraps parser errors in several types
-        raise DataError(f"Could not read the data files {files}: {e}") from e
+        with _builder_errors_quiet():
+            return datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, streaming=streaming,
+                                         **options)
+    except Exception as e:  # datasets wraps the parser's error (pandas, pyarrow) in its own kinds: say the parser's
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise DataError(f"Could not read the data files {files}: {first_line(cause)}") from None
+
+
+@contextmanager
+def _builder_errors_quiet():
+    """datasets' builders log a parse failure ("Failed to read file ...") before raising it: the raised error
+    is the one line the user gets, so that log is held back."""
+    import logging
+
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _rename_splits(raw):
@@ -176,18 +219,6 @@ def _rename_splits(raw):
     for alias, canonical in (("dev", "validation"), ("valid", "validation"), ("eval", "validation")):
         if alias in raw and canonical not in raw:
             raw[canonical] = raw.pop(alias)
-    return raw
-
-
-def _carve_validation(raw, percentage: int, seed: int, streaming: bool):
-    if streaming:
-        k = max(2, round(100 / percentage))
-        train = raw["train"]
-        raw["validation"] = train.filter(lambda _, i: i % k == 0, with_indices=True)
-        raw["train"] = train.filter(lambda _, i: i % k != 0, with_indices=True)
-        return raw
-    split = raw["train"].train_test_split(test_size=percentage / 100, seed=seed, shuffle=True)
-    raw["train"], raw["validation"] = split["train"], split["test"]
     return raw
 
 

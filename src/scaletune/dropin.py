@@ -13,6 +13,7 @@ Trainer's keyword names. This module maps each of them:
   big batch (§17) -- Trainer passes that count too, but its BERT loss path ignores it (issue 47688);
 * user datasets (a `datasets.Dataset`, tokenized or raw text; a map-style torch `Dataset` returning dicts of
   tensors; a list of dicts) -> the task's `PreparedData`.
+  `eval_dataset={name: dataset}` is several evaluation sets, as Trainer's dict (`eval_sets.py`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class UserParts:
     @property
     def brings_data(self) -> bool:
         return any(d is not None for d in (self.train_dataset, self.eval_dataset, self.test_dataset))
+
+    @property
+    def brings_tokenization(self) -> bool:
+        """No tokenizer is read from the config's names: the user passed one, or their model with their data."""
+        return self.processing_class is not None or (self.model is not None and self.brings_data)
 
 
 def _honoured(name: str, value: Any) -> bool:
@@ -153,21 +159,25 @@ def user_prepared_data(task, tokenizer, cfg, main_process_first, train_dataset, 
                        model_config):
     """The user's datasets as the task's PreparedData. Raw-text `datasets.Dataset`s are tokenized by the task
     (a tokenizer is needed); tokenized ones, torch Datasets and lists are used as they are."""
+    from .eval_sets import prepare_with_sets
     from .tasks import PreparedData
 
-    splits = {name: ds for name, ds in (("train", train_dataset), ("validation", eval_dataset),
+    sets = eval_dataset if isinstance(eval_dataset, dict) else None  # several named sets, as Trainer's dict
+    splits = {name: ds for name, ds in (("train", train_dataset), ("validation", None if sets else eval_dataset),
                                          ("test", test_dataset)) if ds is not None}
-    raw_text = [name for name, ds in splits.items() if not is_tokenized(ds)]
+    raw_text = [name for name, ds in {**splits, **(sets or {})}.items() if not is_tokenized(ds)]
     if raw_text:
         if tokenizer is None:
             raise ConfigError(f"The {', '.join(raw_text)} dataset holds raw text (no input_ids column): pass "
                               f"processing_class=<tokenizer> to tokenize it, or tokenize it yourself.")
         import datasets
 
+        if sets:
+            return prepare_with_sets(task, datasets.DatasetDict(splits), sets, tokenizer, cfg, main_process_first)
         return task.prepare_data(datasets.DatasetDict(splits), tokenizer, cfg, main_process_first)
     labels = getattr(model_config, "id2label", None)
     test = splits.get("test")
-    return PreparedData(train=splits.get("train"), validation=splits.get("validation"), test=test,
+    return PreparedData(train=splits.get("train"), validation=sets or splits.get("validation"), test=test,
                         label_list=[labels[i] for i in sorted(labels)] if labels else None,
                         test_ids=list(range(len(test))) if test is not None else None)
 
@@ -175,9 +185,14 @@ def user_prepared_data(task, tokenizer, cfg, main_process_first, train_dataset, 
 def default_collator(tokenizer, task, cfg, training: bool):
     """As Trainer: the task's padding collator when a tokenizer is known, else `default_data_collator`
     (tensors already padded to one length, as the tutorial's Dataset returns them)."""
-    if tokenizer is not None or (training and cfg.data.padding_free):  # flattening needs no tokenizer
+    flatten = training and cfg.data.padding_free
+    if tokenizer is not None or (flatten and task.name == "clm"):  # clm's flattening needs no tokenizer
         return task.collator(tokenizer, cfg, training)
     from transformers import default_data_collator
 
+    if flatten:  # an encoder task's tensors as given, their real tokens (attention_mask) put in one row
+        from .tasks.packing import FlattenedPadding
+
+        return FlattenedPadding(default_data_collator)
     return default_data_collator
 

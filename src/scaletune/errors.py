@@ -6,6 +6,8 @@ The kinds also subclass the builtin a caller might already catch (ValueError, Ke
 
 from __future__ import annotations
 
+import difflib
+
 
 class ScaletuneError(Exception):
     """A problem with the user's input or environment, with the fix in the message."""
@@ -39,3 +41,10 @@ def first_line(error: BaseException) -> str:
     """A library's exception in one line, for a message that wraps it."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def suggestion(given, known) -> str:
+    """The hint after a misspelt key, choice or metric name, written once for all: the closest of `known` as
+    ` Did you mean 'x'?`, or an empty string when nothing is close."""
+    close = difflib.get_close_matches(str(given), list(known), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import torch
 from . import schedule
 from .errors import DataError
 from .losses import ItemLoss, model_inputs
-from .metric_names import check_metric_for_best_model, metric_key
+from .metric_names import check_metric_for_best_model, eval_set_prefix, metric_key
 from .state import TrainingState
 
 if TYPE_CHECKING:
@@ -142,11 +142,12 @@ def _to_float(v):
 
 @dataclass
 class Evaluator:
-    """Evaluates the model on the validation set and tracks the best metric and the patience counter."""
+    """Evaluates the model on the validation set (or each of several: `dataloader` a {name: loader}) and tracks the
+    best metric and the patience counter."""
 
     accelerator: Accelerator
     model: torch.nn.Module
-    dataloader: Optional[DataLoader]
+    dataloader: Union[None, DataLoader, dict[str, DataLoader]]
     task: Task
     loss: ItemLoss
     args: TrainingArguments
@@ -156,6 +157,13 @@ class Evaluator:
     def evaluate(self, dataloader: Optional[DataLoader] = None, prefix: str = "eval") -> PredictionOutput:
         # `is None`, not `or`: the truth value of a DataLoader is its length, which a stream does not have.
         loader = dataloader if dataloader is not None else self.dataloader
+        if isinstance(loader, dict):
+            # Several sets (validation_files, a dict eval_dataset): each evaluated alone, under Trainer's
+            # metric_key_prefix=f"eval_{name}"; predictions and labels per set.
+            outputs = {name: self.evaluate(one, eval_set_prefix(name)) for name, one in loader.items()}
+            return PredictionOutput({n: o.predictions for n, o in outputs.items()},
+                                    {n: o.label_ids for n, o in outputs.items()},
+                                    {k: v for o in outputs.values() for k, v in o.metrics.items()})
         return evaluate(self.model, loader, self.task, self.loss, self.accelerator, prefix, self.compute_metrics,
                         self.preprocess_logits, self.args.eval_accumulation_steps or 1)
 

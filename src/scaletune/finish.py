@@ -77,7 +77,8 @@ def finish(run: Run, stop_reason: str) -> RunResult:
                         "best_model_checkpoint": str(best) if best else None, "output_dir": t.output_dir,
                         "model_dir": t.output_dir, "predictions_file": predictions_file,
                         "baseline": baseline(run) if "eval_loss" in metrics else None})
-    accelerator.end_training()
+    # No accelerator.end_training(): it destroys the process group, which the script may still use (another
+    # run(), its own collectives); distributed.accelerator destroys it at exit.
     return _result(run, metrics, stop_reason, predictions_file, predictions=test_output)
 
 
@@ -90,7 +91,6 @@ def _stop_preempted(run: Run) -> RunResult:
     run.tracker.finish({"global_step": state.global_step, "stop_reason": "preempted",
                         "output_dir": run.cfg.training.output_dir})
     requeued = requeue_if_slurm(accelerator)  # collective
-    accelerator.end_training()
     return _result(run, {}, "preempted", None, run.watcher.signal_name, requeued)
 
 

@@ -32,18 +32,22 @@ def hub_offline(variables: tuple = MODELS_OFFLINE) -> bool:
 # --------------------------------------------------------------------------- preflight (no torch)
 
 
-def check_sources(m, needs_model: bool = True) -> None:
+def check_sources(m, needs_model: bool = True, needs_tokenizer: bool = True) -> None:
     """Each name the run will load resolves, before the output dir is touched. `needs_model` is false when the
-    user passed their own model to run()."""
+    user passed their own model to run(), `needs_tokenizer` when the run reads no tokenizer from these names
+    (the user passed theirs, or their model and tokenized data)."""
+    tokenizer_from = "tokenizer_name" if m.tokenizer_name else "model_name_or_path" if needs_tokenizer else None
     names = [("config_name", m.config_name), ("tokenizer_name", m.tokenizer_name)]
     if needs_model:
         names.insert(0, ("model_name_or_path", m.model_name_or_path))
     for key, name in names:
         if name:
-            check_source(key, name, m.cache_dir, m.model_revision, wants_config=key != "tokenizer_name")
+            check_source(key, name, m.cache_dir, m.model_revision, wants_config=key != "tokenizer_name",
+                         wants_weights=key == "model_name_or_path", wants_tokenizer=key == tokenizer_from)
 
 
-def check_source(key: str, name: str, cache_dir: Optional[str], revision: str, wants_config: bool) -> None:
+def check_source(key: str, name: str, cache_dir: Optional[str], revision: str, wants_config: bool,
+                 wants_weights: bool = False, wants_tokenizer: bool = False) -> None:
     from .assets import check_packaged_model, is_packaged
 
     if is_packaged(name):
@@ -54,9 +58,7 @@ def check_source(key: str, name: str, cache_dir: Optional[str], revision: str, w
         raise ModelError(f"{key}={name!r} is a file; it must be a model folder (what save_pretrained writes, with "
                          f"config.json) or a Hub model id.")
     if path.is_dir():
-        if wants_config and not (path / "config.json").is_file():
-            raise ModelError(f"{key}={name!r} is a folder without config.json, so it holds no model: point it at "
-                             f"the folder save_pretrained wrote, or use a Hub model id.")
+        _check_folder(key, name, path, wants_config, wants_weights, wants_tokenizer)
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
         raise ModelError(f"{key}={name!r} does not exist: no such folder. Check the path.")
@@ -67,6 +69,44 @@ def check_source(key: str, name: str, cache_dir: Optional[str], revision: str, w
                              f"cache_dir), or pass a local model folder.")
     elif wants_config:
         _fetch_config(key, name, cache_dir, revision)
+
+
+# A tokenizer's own files (transformers' names): with none of them, AutoTokenizer builds an empty tokenizer (its
+# special tokens only) from a model's config.json and says nothing, so every word would be an unknown token.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
+
+
+def _check_folder(key: str, name: str, path: Path, wants_config: bool, wants_weights: bool,
+                  wants_tokenizer: bool) -> None:
+    """A local folder holds what the run will read from it: a config.json that parses, weights, a tokenizer."""
+    files = {p.name for p in path.iterdir() if p.is_file()}
+    if wants_config:
+        if "config.json" not in files:
+            raise ModelError(f"{key}={name!r} is a folder without config.json, so it holds no model: point it at "
+                             f"the folder save_pretrained wrote, or use a Hub model id.")
+        _check_config_json(key, name, path / "config.json")
+    if wants_weights and not any(f.endswith((".safetensors", ".bin", ".index.json", ".pt", ".pth")) for f in files):
+        raise ModelError(f"{key}={name!r} holds config.json but no weights (model.safetensors, pytorch_model.bin or a "
+                         f"sharded index): point it at the folder the model's save_pretrained wrote.")
+    if wants_tokenizer and not (files.intersection(TOKENIZER_FILES) or any(f.endswith(".model") for f in files)):
+        other = "" if key == "model_dir" else ", or set tokenizer_name to a folder or Hub id that has one"
+        raise ModelError(f"{key}={name!r} holds no tokenizer (no {', '.join(TOKENIZER_FILES[:3])} or other "
+                         f"vocabulary file): save the tokenizer there too (tokenizer.save_pretrained){other}.")
+
+
+def _check_config_json(key: str, name: str, file: Path) -> None:
+    """transformers reports a damaged config.json from wherever it first reads it (the tokenizer's loader, after
+    the output dir exists): said here, before anything is written."""
+    import json
+
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{key}={name!r}: its config.json is not valid JSON ({first_line(e)}): restore the file, "
+                         f"or save the model again with save_pretrained.") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{key}={name!r}: its config.json holds a JSON {type(value).__name__}, not the object "
+                         f"save_pretrained writes: restore the file, or save the model again.")
 
 
 def _fetch_config(key: str, repo_id: str, cache_dir: Optional[str], revision: str) -> None:
@@ -101,13 +141,20 @@ def _cached(repo_id: str, cache_dir: Optional[str], revision: str, wants_config:
 
 @contextmanager
 def _loading(name: str, what: str):
-    """A model-loading failure in transformers (a missing file, an unknown architecture) becomes one line."""
+    """A model-loading failure becomes one line: transformers' own (a missing file, an unknown architecture) and
+    what the file readers under it raise (safetensors' SafetensorError for a damaged weights file, torch's
+    UnpicklingError, a KeyError for a config field a model class expects), named by kind."""
     try:
         yield
     except ScaletuneError:
         raise
     except (OSError, ValueError) as e:
         raise ModelError(f"Could not load the {what} from {name!r}: {first_line(e)}") from None
+    except Exception as e:  # every reader's own kind; the line names it
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            raise  # too little memory is not a damaged model
+        raise ModelError(f"Could not load the {what} from {name!r} ({type(e).__name__}): {first_line(e)}. Check "
+                         f"that its files are complete (save it again with save_pretrained).") from None
 
 
 def load_config(m, **kwargs):

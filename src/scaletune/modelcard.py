@@ -50,7 +50,9 @@ def write_model_card(folder: str | Path, cfg, model, log_history: list, world_si
     finetuned_from, named = base_model(cfg, model)
     dataset = d.dataset_name or d.train_file
     # Trainer's parser starts the table at its end-of-training summary entry (train_runtime); ours has none.
-    _, eval_lines, eval_results = parse_log_history([*log_history, {"train_runtime": None}])
+    _, eval_lines, eval_results = parse_log_history([*_evaluations_marked(log_history), {"train_runtime": None}])
+    eval_lines = [{k: v for k, v in line.items() if v is not _NO_LOSS} for line in eval_lines or ()]
+    eval_results = {k: v for k, v in (eval_results or {}).items() if v is not _NO_LOSS}
     summary = TrainingSummary(
         model_name=Path(cfg.training.output_dir).resolve().name, tags=["scaletune", "generated_from_trainer"],
         finetuned_from=finetuned_from, tasks=_card_task(d.task), dataset=dataset, eval_results=eval_results or None,
@@ -68,6 +70,18 @@ def write_model_card(folder: str | Path, cfg, model, log_history: list, world_si
     path = Path(folder) / "README.md"
     path.write_text(card)
     return path
+
+
+_NO_LOSS = object()
+
+
+def _evaluations_marked(log_history: list) -> list:
+    """The history with several evaluation sets' entries (eval_<set>_loss, no eval_loss) marked with an eval_loss
+    of `_NO_LOSS` (dropped from the card after parsing): Trainer's parser takes only an entry with eval_loss for
+    an evaluation, and Trainer's own card leaves such runs with an empty table."""
+    return [{**h, "eval_loss": _NO_LOSS} if "eval_loss" not in h and any(metric_names.split_of(k) == "eval"
+                                                                          for k in h) else h
+            for h in log_history]
 
 
 def base_model(cfg, model) -> tuple[Optional[str], Optional[str]]:

@@ -56,6 +56,7 @@ def run_prediction(model_dir: str, test_file: str, output_file: Optional[str] = 
     """Everything is checked -- model folder, task, file, columns, labels -- before the model loads."""
     from .config import ConfigError
     from .errors import DataError
+    from .model_source import check_source
 
     model_dir = str(model_dir)
     model_config = _read_model_config(model_dir)
@@ -63,6 +64,8 @@ def run_prediction(model_dir: str, test_file: str, output_file: Optional[str] = 
     task_name = _task_name(run, model_config)
     if task_name in _NO_FILE:
         raise ConfigError(f"{model_dir}: " + _NO_FILE[task_name].format(dir=model_dir))
+    # the weights and the tokenizer, as train's preflight checks a model folder
+    check_source("model_dir", model_dir, None, "main", wants_config=False, wants_weights=True, wants_tokenizer=True)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1.")
     if not Path(test_file).is_file():
@@ -93,6 +96,9 @@ def _read_model_config(model_dir: str) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise DataError(f"{model_dir!r} is not a model folder (no config.json); pass the output_dir of a run.")
+    from .model_source import check_source
+
+    check_source("model_dir", model_dir, None, "main", wants_config=True)  # a config.json that parses
     return json.loads(path.read_text())
 
 

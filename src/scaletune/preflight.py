@@ -13,8 +13,9 @@ from . import data, lora, resume
 from .config import Config, ConfigError
 from .distributed.backend import Backend
 from .dropin import UserParts
+from .eval_sets import set_names
 from .model_source import check_sources
-from .metric_names import check_metric_for_best_model
+from .metric_names import best_metric, check_metric_for_best_model
 from .tasks import get_task
 from .tracking import check_report_to
 
@@ -26,8 +27,13 @@ def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[resume.
     user = user or UserParts()
     if not user.brings_data and cfg.data.dataset_name is None and cfg.data.train_file is None and t.do_train:
         raise ConfigError("No training data: set dataset_name or train_file (or pass train_dataset to run()).")
-    if t.metric_for_best_model and user.compute_metrics is None:  # a custom compute_metrics is only known later
-        check_metric_for_best_model(t.metric_for_best_model, get_task(cfg.data.task).metric_names, cfg.data.task)
+    sets = set_names(cfg, user.eval_dataset)  # several evaluation sets: eval_<set>_<metric>
+    # reduce_lr_on_plateau steps on the best metric even when unset (eval_loss, which several sets do not report).
+    metric = t.metric_for_best_model or (best_metric(None) if sets and t.lr_scheduler_type == "reduce_lr_on_plateau"
+                                         else None)
+    if metric:  # a custom compute_metrics's names are only known later (the set part is now)
+        check_metric_for_best_model(metric, get_task(cfg.data.task).metric_names
+                                    if user.compute_metrics is None else None, cfg.data.task, sets)
     if t.on_nonfinite == "skip" and not Backend.requested().skips_nonfinite:
         raise ConfigError("on_nonfinite=skip is not possible under DeepSpeed, which applies the update inside "
                           "backward before the loss can be checked; use on_nonfinite=stop.")
@@ -39,7 +45,8 @@ def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[resume.
         raise ConfigError(f"The {type(user.model).__name__} passed to run() has no trainable parameters (all "
                           f"frozen), so training cannot change it: unfreeze some, or set do_train=false.")
     data.check_files(cfg)
-    check_sources(cfg.model, needs_model=user.model is None)  # before the output dir is made
+    check_sources(cfg.model, needs_model=user.model is None,  # before the output dir is made
+                  needs_tokenizer=not user.brings_tokenization)
     lora.preflight(cfg)
     return resume.preflight(t)
 

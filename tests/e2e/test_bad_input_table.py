@@ -4,6 +4,7 @@ no file of the earlier run changed (README states the count)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,30 @@ def files(tmp: Path) -> dict:
     made["bad_yaml"] = str(tmp / "bad.yaml")
     (tmp / "list.yaml").write_text("- a\n- b\n")
     made["list_yaml"] = str(tmp / "list.yaml")
+    for name, file, text in (
+            ("one_row", "one_row.csv", "text,label\ngood film,pos\n"),
+            ("one_line", "one_line.txt", "a single line of text\n"),
+            ("mixed_labels", "mixed.jsonl", '{"text": "good", "label": 1}\n{"text": "bad", "label": "neg"}\n'),
+            ("no_text", "no_text.csv", "text,label\n,pos\n,neg\n"),
+            ("ragged", "ragged.csv", "text,label\ngood film,pos\nbad film,neg,extra\n")):
+        (tmp / file).write_text(text)
+        made[name] = str(tmp / file)
+    return made
+
+
+def model_folders(tmp: Path, model: str) -> dict:
+    """Folders that are not a whole model, made from a real one: each lacks or damages one part."""
+    made = {}
+    for name, drop in (("no_weights", "model.safetensors"), ("no_tokenizer", "tokenizer"), ("bad_config", None)):
+        folder = tmp / name
+        shutil.copytree(model, folder)
+        for f in folder.iterdir():
+            if drop and f.name.startswith(drop):
+                f.unlink()
+        made[name] = str(folder)
+    (tmp / "bad_config" / "config.json").write_text('{"model_type": "bert",\n')  # cut short
+    (tmp / "empty_folder").mkdir()
+    made["empty_folder"] = str(tmp / "empty_folder")
     return made
 
 
@@ -41,6 +66,9 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
             data["validation_file"], "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_steps", "4",
             "--save_steps", "1", "--disable_tqdm", "true"]
     fresh = [a for a in base if a not in ("--resume_from_checkpoint", "latest")]
+    no_validation = [a for a in base if a not in ("--validation_file", data["validation_file"])]  # carved
+    val = data["validation_file"]
+    two_sets = [*base[:4], *base[6:], "--validation_files"]  # base without validation_file, then named sets
     return {
         # config: types, ranges, choices, combinations (before torch is imported)
         "unknown key": ([*base, "--learnig_rate", "1e-4"], "Did you mean 'learning_rate'"),
@@ -75,6 +103,16 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
         "no recipe of that name": (["no_such_recipe", *base], "no_such_recipe"),
         "metric of another task": ([*base, "--eval_strategy", "steps", "--metric_for_best_model", "perplexity"],
                                    "metric_for_best_model"),
+        "validation set name with a slash": ([*two_sets, f"a/b={val},b={val}"], "'a/b' would break the metric keys"),
+        "validation set named test": ([*two_sets, f"a={val},test={val}"], "collides with the test split"),
+        "validation_file and validation_files": ([*base, "--validation_files", f"a={val}"], "both set"),
+        "metric of a validation set that does not exist": (
+            [*two_sets, f"a={val},b={val}", "--eval_strategy", "steps", "--metric_for_best_model", "eval_c_accuracy"],
+            "Did you mean 'eval_"),
+        "default best metric with several sets": (
+            [*two_sets, f"a={val},b={val}", "--eval_strategy", "steps", "--eval_steps", "1",
+             "--load_best_model_at_end", "true"],
+            "eval_loss, the default"),
         "tf32 without a GPU": ([*base, "--tf32", "true"], "tf32"),
         "fp16 without a GPU": ([*base, "--fp16", "true"], "fp16 mixed precision needs a GPU"),
         # data files (before the model loads)
@@ -82,9 +120,20 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
                                "does not exist"),
         "unsupported format": ([*base, "--train_file", bad["xlsx"]], ".xlsx"),
         "header-only file": ([*base, "--validation_file", bad["header_only"]], "empty"),
+        "header-only validation set": ([*two_sets, f"a={val},b={bad['header_only']}"], "validation set 'b' is empty"),
         "mixed formats": ([*base, "--train_file", bad["json"]], "mix formats"),
         "wrong text column": ([*base, "--text_column_names", "review_body"], "review_body"),
         "wrong label column": ([*base, "--label_column_name", "sentiment"], "sentiment"),
+        "too few rows to carve validation": ([*no_validation, "--train_file", bad["one_row"]],
+                                             "of the 1 rows in train leaves 0 for training"),
+        "streamed train too short to carve": ([*no_validation, "--train_file", bad["one_line"], "--task", "mlm",
+                                               "--streaming", "true"], "fewer than 2 rows"),
+        "label column of mixed types": ([*base, "--train_file", bad["mixed_labels"], "--validation_file",
+                                         bad["mixed_labels"]], "mixes value types (int, str)"),
+        "text column all empty": ([*base, "--train_file", bad["no_text"], "--validation_file", bad["no_text"]],
+                                  "is empty in 2 of 2 rows"),
+        "CSV row with an extra field": ([*base, "--train_file", bad["ragged"], "--validation_file", bad["ragged"]],
+                                        "Expected 2 fields"),
         "Latin-1 file": ([*base, "--train_file", bad["latin1"], "--validation_file", bad["latin1"]], "latin1.csv"),
         # the model and a Hub dataset (before the output dir is touched; HF_HUB_OFFLINE=1 in tests)
         "model folder that does not exist": ([*base, "--model_name_or_path", str(Path(bad["json"]).parent / "nope")],
@@ -92,6 +141,10 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
         "model path that is a file": ([*base, "--model_name_or_path", bad["json"]], "is a file"),
         "folder without a model": ([*base, "--model_name_or_path", str(Path(bad["json"]).parent)],
                                    "without config.json"),
+        "model folder without weights": ([*base, "--model_name_or_path", bad["no_weights"]], "no weights"),
+        "model folder without a tokenizer": ([*base, "--model_name_or_path", bad["no_tokenizer"]], "no tokenizer"),
+        "config.json cut short": ([*base, "--model_name_or_path", bad["bad_config"]], "not valid JSON"),
+        "tokenizer_name an empty folder": ([*base, "--tokenizer_name", bad["empty_folder"]], "no tokenizer"),
         "Hub model offline, not cached": ([*base, "--model_name_or_path", "scaletune-tests/no-such-model"],
                                           "nor in the Hub cache"),
         "Hub dataset offline, not cached": ([*base, "--dataset_name", "scaletune-tests/no-such-data"],
@@ -108,7 +161,8 @@ def test_bad_input_table(finished_run, tiny_bert, sentiment_files, tmp_path):
     import os
 
     before = tree(finished_run)
-    table = cases(tiny_bert, sentiment_files, files(tmp_path), str(finished_run))
+    table = cases(tiny_bert, sentiment_files, {**files(tmp_path), **model_folders(tmp_path, tiny_bert)},
+                  str(finished_run))
     assert len(table) >= 30
     failures = []
     for name, (args, expected) in table.items():

@@ -1,16 +1,14 @@
 """Scale out: every accelerate config in accelerate_configs/, DeepSpeed "auto" filling, ZeRO-3 export, precision.
 
 The end-to-end tests launch the real thing on CPU through `./launch PRESET --cpu N` (gloo; real DeepSpeed
-ZeRO-1/2/3 engines, real two-machine rendezvous for multi_node), a tiny BERT without dropout, for a few steps
-with evaluation, saves and a resume. One run per preset is shared by every assertion about it.
+ZeRO-1/2/3 engines), a tiny BERT without dropout, for a few steps with evaluation, saves and a resume. One run
+per preset is shared by every assertion about it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,13 +18,15 @@ import yaml
 
 from scaletune.config import ConfigError, TrainingArguments
 from scaletune.distributed import adjust_for_cpu_only, effective_mixed_precision, fill_deepspeed_config
-from support.tiny import REPO, free_port, make_tiny_bert, run_cli
+from support.tiny import REPO, make_tiny_bert, run_cli
 
 CONFIG_DIR = REPO / "accelerate_configs"
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 # Launched here: every preset but fsdp2, whose run, resume and equality with DDP tests/e2e/test_fsdp2.py checks
-# on its own runs (its offload and multi-node variants are launched here).
-LAUNCHED = [p for p in PRESETS if p != "fsdp2"]
+# on its own runs (its offload variant is launched here), and the multi-node ones: tests/cluster/test_slurm.py
+# runs multi_node on two real Slurm nodes (rendezvous, training, the one-node run's weights and metrics); FSDP2
+# on two processes is fsdp2's run. Their launch commands are checked with every preset's below.
+LAUNCHED = [p for p in PRESETS if p != "fsdp2" and not p.endswith("multi_node")]
 LAUNCH = str(REPO / "launch")
 GLOBAL_BATCH = 8
 
@@ -187,19 +187,6 @@ def _launch(preset: str, processes: int, args: list[str], cwd, extra=(), check=T
                    timeout=600)
 
 
-def _launch_two_machines(preset: str, args: list[str], cwd):
-    """A multi-node preset for real: two `./launch` processes (machine_rank 0 and 1) meeting at a rendezvous port."""
-    port = str(free_port())
-    procs = [subprocess.Popen([LAUNCH, preset, "--cpu", "1", "--num_machines", "2", "--machine_rank", str(r),
-                               "--main_process_ip", "127.0.0.1", "--main_process_port", port, *args],
-                              cwd=cwd, env={**os.environ, **_env()}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for r in (0, 1)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, f"multi_node machine failed ({p.returncode}):\n{out[-6000:]}"
-
-
 _RUNS: dict = {}
 
 
@@ -215,10 +202,7 @@ def run_preset(preset: str, work) -> dict:
     for out, extra in ((first, []), (resumed, ["--resume_from_checkpoint", str(first / "checkpoint-2"),
                                                "--trust_checkpoint", "true"])):
         args = _train_args(work, processes, out) + knobs + extra
-        if preset.endswith("multi_node"):
-            _launch_two_machines(preset, args, cwd=work["root"])
-        else:
-            _launch(preset, processes, args, cwd=work["root"])  # not the repo: ./launch works from anywhere
+        _launch(preset, processes, args, cwd=work["root"])  # not the repo: ./launch works from anywhere
     _RUNS[preset] = {"first": first, "resumed": resumed, "processes": processes}
     return _RUNS[preset]
 
@@ -260,7 +244,7 @@ def test_preset_trains_evaluates_saves_and_resumes(preset, work):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", [p for p in LAUNCHED if p != "single_gpu"])
 def test_two_processes_match_one_process_with_the_same_global_batch(preset, work):
-    """DDP, ZeRO-1/2/3 (+offload) and two machines, 2 x 4 per device == 1 x 8: same loss curve."""
+    """DDP, ZeRO-1/2/3 (+offload) and FSDP2 with CPU offload, 2 x 4 per device == 1 x 8: same loss curve."""
     one = run_preset("single_gpu", work)["first"]
     two = run_preset(preset, work)["first"]
     for key in ("loss", "eval_loss", "grad_norm"):

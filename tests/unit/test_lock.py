@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -17,39 +16,23 @@ from scaletune.lock import LOCK_FILE, acquire_lock, release_lock
 RACES = 300
 
 
-def _contender(root: str, start, done, results) -> None:
-    """One of two processes that try to take the lock at the same moment; it stays alive (holding what it took)
-    until the other one has tried too, so the winner is never a dead owner whose lock may be taken over."""
-    start.wait()
-    try:
-        acquire_lock(Path(root), env={})
-        results.put(("took", os.getpid()))
-    except CheckpointError as e:
-        results.put(("refused", str(e)))
-    done.wait()
-
-
-@pytest.mark.slow  # 600 processes: 20-50 s on 2 cores, out of the `-m "not slow"` tier
+@pytest.mark.slow  # 600 processes, forked from one small process (support/lock_race.py): a few seconds
 def test_two_processes_racing_for_the_lock_never_both_take_it(tmp_path):
-    ctx = multiprocessing.get_context("fork")  # the processes start in milliseconds: 300 races stay cheap
+    race = Path(__file__).resolve().parents[1] / "support" / "lock_race.py"
+    proc = subprocess.run([sys.executable, str(race), str(tmp_path), str(RACES)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    races = json.loads(proc.stdout)
+    assert len(races) == RACES, races[:3]
     both = []
-    for i in range(RACES):
-        root = tmp_path / f"race-{i}"
-        root.mkdir()
-        start, done, results = ctx.Barrier(2), ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_contender, args=(str(root), start, done, results)) for _ in range(2)]
-        for p in procs:
-            p.start()
-        outcomes = sorted([results.get(timeout=60), results.get(timeout=60)])
-        for p in procs:
-            p.join(timeout=60)
+    for i, outcomes in enumerate(races):
         kinds = [kind for kind, _ in outcomes]
         if kinds != ["refused", "took"]:
             both.append((i, outcomes))
             continue
         winner = outcomes[1][1]
         assert "is in use by another run" in outcomes[0][1] and f"(pid {winner} on" in outcomes[0][1], outcomes
-        assert json.loads((root / LOCK_FILE).read_text())["pid"] == winner
+        assert json.loads((tmp_path / f"race-{i}" / LOCK_FILE).read_text())["pid"] == winner
     assert not both, f"{len(both)} of {RACES} races did not end with exactly one owner: {both[:3]}"
 
 

@@ -149,13 +149,15 @@ def test_classlabel_rows_use_the_feature_names(tokenizer, tmp_path):
 
 @pytest.fixture(scope="module")
 def weightless_model(tmp_path_factory):
-    """A model folder with a config and tokenizer but no weights: a run that got as far as loading the model
-    would fail on the missing weights, so a DataError from it proves the data was checked first."""
+    """A model folder with a config and tokenizer and a damaged weights file (a missing one is refused in
+    preflight): a run that got as far as loading the model would fail on it, so a DataError from it proves the
+    data was checked first."""
     from transformers import AutoConfig, AutoTokenizer
 
     folder = tmp_path_factory.mktemp("weightless")
     AutoConfig.from_pretrained(assets.model_path("packaged:minilm")).save_pretrained(folder)
     AutoTokenizer.from_pretrained(assets.model_path("packaged:minilm")).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
     return str(folder)
 
 

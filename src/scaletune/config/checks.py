@@ -7,14 +7,13 @@ the rest of one line that starts with the key's name: the value as given, and th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 import types
 import typing
 from typing import Literal, Optional, Union
 
-from ..errors import ConfigError
+from ..errors import ConfigError, suggestion
 
 
 def unwrap_optional(tp) -> tuple[object, bool]:
@@ -62,14 +61,12 @@ def type_problem(value, tp) -> Optional[str]:
         return None if math.isfinite(value) else f"={value!r} must be a finite number."
     if tp is str:
         return None if isinstance(value, str) else f"={value!r} is not a valid str{quote}."
+    if typing.get_origin(tp) is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return None
+        return (f"={value!r} is not a mapping of names to files: in YAML, write `name: file` lines under it; on "
+                f"the command line, name=file,name=file.")
     return None  # report_to (str or list) is checked where it is normalised
-
-
-def suggestion(given, known) -> str:
-    """The hint after a misspelt key or choice, written once for both: the closest of `known` as
-    ` Did you mean 'x'?`, or an empty string when nothing is close."""
-    close = difflib.get_close_matches(str(given), list(known), n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def require(obj, name: str, ok: bool, rule: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..errors import ConfigError
+from ..metric_names import check_eval_set_names
 from .checks import check_types
 from .checks import require as _require
 from .peft import PEFTArguments
@@ -39,6 +40,8 @@ from .training import (  # noqa: F401  (re-exported: the schema is every group)
 # The allowed values of each choice field live in its Literal alone: validation, the reference and `--help`
 # read them with typing.get_args. A new task is one more word in TaskName (plus its module in tasks/).
 TaskName = Literal["classification", "regression", "multilabel", "mlm", "token_classification", "clm"]
+PER_TOKEN_TASKS = ("clm", "mlm", "token_classification")
+"""The tasks that score tokens in place, whose training batches `padding_free` can put in one row."""
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -102,6 +105,11 @@ class DataArguments:
     `.conll` or `.txt`: one `word ... tag` per line, a blank line between sentences)."""
     validation_file: Optional[str] = None
     """Local file with the validation data (carved from train when absent)."""
+    validation_files: Optional[dict[str, str]] = None
+    """Several validation sets, `{name: file}` (a YAML mapping; on the command line `name=file,name=file`), each
+    evaluated at every evaluation and logged as `eval_<name>_<metric>` (Trainer's dict `eval_dataset`);
+    metric_for_best_model must then name one (`eval_<name>_loss`: there is no plain eval_loss). Names: letters,
+    digits, `_`, `-`, not `test`. Replaces the dataset's validation split; not with validation_file."""
     test_file: Optional[str] = None
     """Local file with the test data; predictions are written for it."""
     text_column_names: Optional[str] = None
@@ -156,13 +164,15 @@ class DataArguments:
     sample_max_new_tokens: int = 40
     """Causal LM: tokens sampled per continuation (>= 1)."""
     padding_free: bool = False
-    """Causal LM: put each training batch's examples end to end in one row, with no padding (transformers'
-    `DataCollatorWithFlattening`: position ids restart per example, no token predicts across a boundary). Saves
-    the padding of `line_by_line` data. With `attn_implementation: flash_attention_2`/`3` the attention is
-    per example (varlen kernels); with `sdpa`/`eager` the model must build a block mask from the position ids
-    (checked when the model loads: a model that would attend across examples is refused), and then attends
-    over the whole row. Encoders (the other tasks) have no such mask: use `train_sampling_strategy:
-    group_by_length` to cut padding there."""
+    """Causal LM, MLM and token classification: put each training batch's examples end to end in one row, with
+    no padding; position ids restart at 0 per example and the model keeps the examples apart by them (checked
+    when the model loads: a model whose attention would mix them, or that numbers positions from elsewhere, e.g.
+    RoBERTa, is refused). Evaluation stays padded. Causal LM flattens with transformers'
+    `DataCollatorWithFlattening` (no token predicts across a boundary) and saves the padding of `line_by_line`
+    data; with `attn_implementation: flash_attention_2`/`3` its attention is per example (varlen kernels). The
+    encoder tasks flatten their own padded batch (the same MLM masks and labels) under `sdpa`/`eager`. Under
+    `sdpa`/`eager` the attention spans the whole row, masked per example. The sequence-level tasks pool one
+    vector per padded row: use `train_sampling_strategy: group_by_length` to cut padding there."""
 
     def __post_init__(self):
         check_types(self)
@@ -174,6 +184,13 @@ class DataArguments:
         _require(self, "label_delimiter", self.label_delimiter is None or self.label_delimiter != "",
                  "a non-empty string (or unset)")
         _require(self, "validation_split_percentage", 0 <= self.validation_split_percentage < 100, "in [0, 100)")
+        if self.validation_files is not None:
+            check_eval_set_names(self.validation_files, "validation_files")
+            if self.validation_file is not None:
+                # Trainer's eval_dataset is one set or a dict of named sets, never both: an unnamed set next to
+                # named ones would log eval_loss beside eval_<name>_loss.
+                raise ConfigError("validation_file and validation_files are both set: name that set in "
+                                  "validation_files too, and drop validation_file.")
         _require(self, "sample_prompts", self.sample_prompts >= 0, ">= 0")
         _require(self, "sample_max_new_tokens", self.sample_max_new_tokens >= 1, ">= 1")
 
@@ -206,10 +223,11 @@ class Config:
         if d.streaming and d.task not in ("mlm", "clm"):
             raise ConfigError(f"streaming=true is for task mlm and clm (text cut into blocks); task {d.task} reads "
                               f"its data up front: set streaming=false.")
-        if d.padding_free and d.task != "clm":
-            raise ConfigError(f"padding_free=true is for task clm; task {d.task}'s models build a bidirectional "
-                              f"attention mask that cannot keep examples in one row apart: set padding_free=false "
-                              f"and use train_sampling_strategy=group_by_length to cut padding.")
+        if d.padding_free and d.task not in PER_TOKEN_TASKS:
+            raise ConfigError(f"padding_free=true is for the per-token tasks ({', '.join(PER_TOKEN_TASKS)}); task "
+                              f"{d.task}'s head pools one vector per example from its padded row, so examples cannot "
+                              f"share a row: set padding_free=false and use train_sampling_strategy=group_by_length "
+                              f"to cut padding.")
         if t.use_liger_kernel and d.task != "clm":
             raise ConfigError(f"use_liger_kernel=true is for task clm (liger patches causal-LM architectures); "
                               f"task {d.task} has no liger kernels: set use_liger_kernel=false.")

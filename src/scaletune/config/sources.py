@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -82,6 +83,8 @@ def coerce(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         return value
     text = value.strip()
+    if typing.get_origin(tp) is dict:
+        return _parse_mapping(text, value)
     if tp is bool:
         return True if text.lower() in TRUE_WORDS else False if text.lower() in FALSE_WORDS else value
     if tp is int:
@@ -92,6 +95,15 @@ def coerce(key: str, value: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+def _parse_mapping(text: str, value: str) -> Any:
+    """`name=file,name=file` (the command line's form of a mapping key); anything else stays a string, for the
+    type check's message."""
+    pairs = [item.partition("=") for item in text.split(",")]
+    if not all(eq and k.strip() and v.strip() for k, eq, v in pairs):
+        return value
+    return {k.strip(): v.strip() for k, _, v in pairs}
 
 
 def _parse_int(text: str, value: str) -> Any:

@@ -33,7 +33,8 @@ LOWER_IS_BETTER = ("mse", "rmse", "mae", "perplexity")
 
 def lower_is_better(metric: str) -> bool:
     name = bare_name(metric)
-    return name.endswith("loss") or name in LOWER_IS_BETTER
+    # Suffixes, so a named evaluation set's metric (eval_<set>_rmse) reads as its metric does.
+    return name.endswith("loss") or any(name == m or name.endswith("_" + m) for m in LOWER_IS_BETTER)
 
 
 @dataclass

@@ -57,6 +57,7 @@ def build_accelerator(cfg) -> Accelerator:
         from accelerate.utils import TorchDynamoPlugin
 
         dynamo = TorchDynamoPlugin(backend="inductor", mode=t.torch_compile_mode or "default")
+    _forget_earlier_run()
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # Must equal DeepSpeed's gradient_accumulation_steps; the loop handles the accumulation window itself
@@ -79,32 +80,61 @@ def build_accelerator(cfg) -> Accelerator:
     return accelerator
 
 
-# The default process group's Python handle, held from the Accelerator's construction to the end of `run()`.
+def _forget_earlier_run() -> None:
+    """A run() after another in the same process (a second fine-tuning stage, a trial) gets its own settings.
+    accelerate keeps one AcceleratorState and GradientState per process, and a second Accelerator refuses
+    another mixed precision (ValueError), keeps the first one's DeepSpeed and dynamo plugins and refuses a new
+    DeepSpeed plugin. Those two are reset; PartialState (the process group, ranks, device) is kept, so the
+    launched processes stay one group."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+# The default process group's Python handle, held from the first Accelerator to the interpreter's exit.
 _world_group: list = []
 
 
 def _hold_world_group() -> None:
-    """Keep the Python handle of the process group alive longer than the model that uses it.
+    """Keep the Python handle of the process group alive longer than any model that uses it.
 
     Otherwise DDP's Reducer holds the last reference when the run's locals go, and it destroys the gloo group
     while holding the GIL. The group's destructor joins its worker threads. If one of those threads is still
     freeing a finished collective's tensors, it waits for the GIL, and the rank hangs at exit (pytorch#56297;
     3 of 12 two-process drop-in runs without DeepSpeed's slow import on the way out, 0 of 35 with this handle).
-    The handle's own destructor releases the GIL."""
+    The handle's own destructor releases the GIL. The group outlives run(): the script goes on after it (another
+    run(), its own collectives), so it is destroyed at the interpreter's exit, through this handle."""
+    import atexit
+
     import torch.distributed as dist
 
-    _world_group[:] = [dist.group.WORLD] if dist.is_available() and dist.is_initialized() else []
+    world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if world is not None and not _world_group:
+        atexit.register(_destroy_world_group)  # once: later runs hold the same group (or one the script made)
+    _world_group[:] = [world] if world is not None else []
 
 
 def release_world_group() -> None:
-    """The end of `run()`: the model is gone (`gc.collect` frees one kept in a reference cycle), so this
-    handle is the group's last owner and destroys it with the GIL released."""
-    if _world_group:
-        import gc
+    """The end of `run()`: the run's model is freed now (`gc.collect` frees one kept in a reference cycle, and
+    with it DDP's Reducer), so that a later run has the memory; the process group stays for the script."""
+    import gc
 
-        gc.collect()
-        _world_group.clear()
-    release_host_group()  # a later run() gets groups of its own
+    gc.collect()
+
+
+def _destroy_world_group() -> None:
+    """At exit: the models are gone, the group is destroyed (unless the script destroyed it itself), and the
+    handle, its last owner, frees it with the GIL released."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if _world_group and dist.is_initialized() and dist.group.WORLD is _world_group[0]:
+        dist.destroy_process_group()  # every group: the host group of collectives.py too
+    release_host_group()
+    _world_group.clear()
 
 
 def configure_model(model, training, accelerator: Optional[Accelerator] = None):

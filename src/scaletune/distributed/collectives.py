@@ -31,23 +31,27 @@ def all_agree(accelerator: Accelerator, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-_HOST_GROUP: list = []
+_HOST_GROUP: dict = {}  # the default group it was made for -> the host group
 
 
 def _host_group():
     """The process group for host values: the default group when it is gloo (CPU runs), else one gloo group
-    over the same ranks, made once (every rank calls all_agree at the same points, so they make it together)."""
+    over the same ranks, made once per default group (every rank calls all_agree at the same points, so they
+    make it together): a later run() in the same script reuses it, one after the script re-created the default
+    group makes another."""
     import torch.distributed as dist
 
     if dist.get_backend() == "gloo":
         return None
-    if not _HOST_GROUP:
-        _HOST_GROUP.append(dist.new_group(backend="gloo"))
-    return _HOST_GROUP[0]
+    world = dist.group.WORLD
+    if world not in _HOST_GROUP:
+        _HOST_GROUP.clear()  # made for a default group the script destroyed: destroyed with it
+        _HOST_GROUP[world] = dist.new_group(backend="gloo")
+    return _HOST_GROUP[world]
 
 
 def release_host_group() -> None:
-    """The end of `run()`: a later run gets a host group of its own."""
+    """At exit, after the default group is destroyed: no reference to it is left here."""
     _HOST_GROUP.clear()
 
 

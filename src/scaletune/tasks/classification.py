@@ -153,6 +153,11 @@ class ClassificationTask(Task):
             missing = [c for c in text_cols if c not in ds.column_names]
             if missing:
                 raise DataError(f"text column {missing[0]!r} is missing from the {split} split.")
+            for c in text_cols:  # an empty cell reads as null, which the tokenizer refuses with a traceback
+                empty = ds.with_format("arrow")[c].null_count
+                if empty:
+                    raise DataError(f"The text column {c!r} of the {split} split is empty in {empty} of {len(ds)} "
+                                    f"rows: fill those rows or drop them (or set text_column_names).")
         return text_cols
 
     @staticmethod

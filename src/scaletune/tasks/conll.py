@@ -28,6 +28,7 @@ def conll_splits(raw, cfg):
     import datasets
 
     from ..data import data_files
+    from ..splits import carve_validation
 
     files = data_files(cfg)
     if not files or not all(is_conll_file(p) for p in files.values()):
@@ -37,9 +38,8 @@ def conll_splits(raw, cfg):
     d, t = cfg.data, cfg.training
     out = datasets.DatasetDict({split: conll_dataset(path) for split, path in files.items()})
     if "validation" not in out and "train" in out and d.validation_split_percentage > 0:
-        carved = out["train"].train_test_split(test_size=d.validation_split_percentage / 100, seed=t.seed,
-                                               shuffle=True)
-        out["train"], out["validation"] = carved["train"], carved["test"]
+        out["train"], out["validation"] = carve_validation(out["train"], d.validation_split_percentage, t.seed,
+                                                           unit="sentences")
     for split, limit in (("train", d.max_train_samples), ("validation", d.max_eval_samples),
                          ("test", d.max_predict_samples)):
         if split in out and limit is not None:

@@ -39,6 +39,7 @@ from ..errors import ConfigError
 from ..model_source import load_config
 from ..losses import SparseTokenCrossEntropy, labelled_first
 from .base import PreparedData, Task
+from .packing import flatten_padded
 from .text import (column_names, group_texts, map_settings, non_empty_lines, perplexity, resize_token_embeddings,
                    row_indices, text_splits, tokenized_splits, untrained_head_weights)
 
@@ -128,6 +129,8 @@ def _collator_class():
         salt: int = TRAIN_SALT
         label_positions: bool = False
         """Also emit LABEL_POSITIONS, for a model whose head projects only the labelled positions."""
+        flatten: bool = False
+        """`padding_free`: the masked batch's real tokens in one row (`packing.flatten_padded`)."""
 
     ContentSeededMLMCollator.__qualname__ = "ContentSeededMLMCollator"  # pickled by name, found by __getattr__
     return ContentSeededMLMCollator
@@ -172,8 +175,10 @@ class _ContentSeededMasking:
             labels[i, cols] = row_labels[0]
         batch["input_ids"] = inputs
         batch["labels"] = labels
+        if self.flatten:  # after masking (each example on its own tokens), before the positions of its labels
+            batch = flatten_padded(batch)
         if self.label_positions:
-            positions = label_positions(labels)
+            positions = label_positions(batch["labels"])
             if positions is not None:
                 batch[LABEL_POSITIONS] = positions
         return batch
@@ -270,6 +275,7 @@ class MaskedLMTask(Task):
         return _collator_class()(
             tokenizer=tokenizer, mlm_probability=d.mlm_probability, pad_to_multiple_of=pad_to,
             seed=t.seed, salt=TRAIN_SALT if for_training else EVAL_SALT, label_positions=self._sparse_head_built,
+            flatten=for_training and d.padding_free,  # evaluation stays padded, one row per example, as for clm
         )
 
     # ----------------------------------------------------------------- metrics and outputs

@@ -31,6 +31,7 @@ from .base import PreparedData, Task, present_splits
 from ..conll_format import write_conll
 from .conll import align_labels, b_to_i_map, conll_splits, entity_metrics, split_sentences, word_tags
 from .labels import id_column, is_list_feature, row_names
+from .packing import FlattenedPadding
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,9 @@ class TokenClassificationTask(Task):
     def collator(self, tokenizer, cfg, for_training: bool) -> Callable:
         from transformers import DataCollatorForTokenClassification
 
-        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+        padded = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+        # Evaluation stays padded: its predictions are read back one row per sentence.
+        return FlattenedPadding(padded) if for_training and cfg.data.padding_free else padded
 
     # ------------------------------------------------------------------ outputs
     def preprocess_logits(self, logits, labels):

@@ -10,11 +10,16 @@ CURVES_FILE = "curves.png"
 # Eval keys that describe speed, not quality: kept in the JSONL, left out of the quality panel.
 _EVAL_SPEED = ("runtime", "samples_per_second", "steps_per_second")
 
+def _eval_loss(key: str) -> bool:
+    """eval_loss, or a named evaluation set's (eval_<set>_loss)."""
+    return key.startswith("eval_") and key.endswith("_loss")
+
+
 # (panel title, y label, predicate on the Trainer-style key)
 PANELS: tuple = (
-    ("Loss", "loss", lambda k: k in ("loss", "eval_loss")),
+    ("Loss", "loss", lambda k: k == "loss" or _eval_loss(k)),
     ("Evaluation metrics", "value",
-     lambda k: k.startswith("eval_") and k != "eval_loss" and not k.endswith(_EVAL_SPEED)),
+     lambda k: k.startswith("eval_") and not _eval_loss(k) and not k.endswith(_EVAL_SPEED)),
     ("Learning rate", "learning rate", lambda k: k == "learning_rate"),
     ("Gradient norm", "grad norm (before clipping)", lambda k: k == "grad_norm"),
     ("Throughput", "tokens/s (non-padding)", lambda k: k == "tokens_per_second"),
