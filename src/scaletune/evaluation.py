@@ -111,14 +111,16 @@ class PredictionOutput(NamedTuple):
 
 def evaluate(model, dataloader, task, loss: ItemLoss, accelerator, prefix: str = "eval",
              compute_metrics: Optional[Callable] = None,
-             preprocess_logits: Optional[Callable] = None, to_cpu_every: int = 1) -> PredictionOutput:
+             preprocess_logits: Optional[Callable] = None, to_cpu_every: int = 1,
+             with_metrics: bool = True) -> PredictionOutput:
     """Metrics with Trainer's names (`eval_loss`, `eval_accuracy`, ...) and the gathered predictions.
-    `compute_metrics(predictions, label_ids)` and `preprocess_logits(logits, labels)` replace the task's."""
+    `compute_metrics(predictions, label_ids)` and `preprocess_logits(logits, labels)` replace the task's.
+    `with_metrics=False`: predictions only, for inputs whose labels are placeholders (an untagged file)."""
     predictions, label_ids, loss_sum, items = run_inference(model, dataloader,
                                                             preprocess_logits or task.preprocess_logits, loss,
                                                             accelerator, to_cpu_every)
     metrics: dict = {}
-    if label_ids is not None and items > 0:
+    if with_metrics and label_ids is not None and items > 0:
         loss = loss_sum / items
         metrics["loss"] = loss
         metrics.update(task.metrics_from_loss(loss))

@@ -244,12 +244,7 @@ def _infer(model, dataset, task, collate, cfg, batch_size, scored: bool):
         return {k: v.to(model.device) for k, v in collate(examples).items()}
 
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=on_device)
-    return evaluate(model, loader, task, task.loss(cfg), SingleProcess(), prefix="test",
-                    compute_metrics=None if scored else _no_metrics)
-
-
-def _no_metrics(predictions, label_ids) -> dict:
-    return {}
+    return evaluate(model, loader, task, task.loss(cfg), SingleProcess(), prefix="test", with_metrics=scored)
 
 
 def _sequence_targets(task, raw, cfg, labels):

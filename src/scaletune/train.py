@@ -74,7 +74,7 @@ def run(args: ConfigSource = None, *, model=None, processing_class=None, train_d
     finally:
         release_lock(Path(cfg.training.output_dir))
         if "scaletune.distributed.accelerator" in sys.modules:
-            sys.modules["scaletune.distributed.accelerator"].release_world_group()
+            sys.modules["scaletune.distributed.accelerator"].free_finished_run()
         if "scaletune.preemption" in sys.modules:
             sys.modules["scaletune.preemption"].PreemptionWatcher.uninstall_current()
 

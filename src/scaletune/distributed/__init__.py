@@ -6,7 +6,7 @@ The names below are the ones the entry point and the tests import from `scaletun
 the project import the submodule that owns a name.
 """
 
-from .accelerator import build_accelerator, configure_model, release_world_group
+from .accelerator import build_accelerator, configure_model, free_finished_run
 from .backend import Backend, effective_mixed_precision
 from .collectives import all_agree, clip_gradients, wait_for_the_error_line
 from .deepspeed import adjust_for_cpu_only, fill_deepspeed_config
@@ -15,5 +15,5 @@ from .fsdp import check_fsdp_launch, fsdp_layers_to_wrap, untie_fsdp_aliases
 __all__ = [
     "Backend", "adjust_for_cpu_only", "all_agree", "build_accelerator", "check_fsdp_launch", "clip_gradients",
     "configure_model", "effective_mixed_precision", "fill_deepspeed_config", "fsdp_layers_to_wrap",
-    "release_world_group", "untie_fsdp_aliases", "wait_for_the_error_line",
+    "free_finished_run", "untie_fsdp_aliases", "wait_for_the_error_line",
 ]

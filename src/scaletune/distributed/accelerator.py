@@ -115,7 +115,7 @@ def _hold_world_group() -> None:
     _world_group[:] = [world] if world is not None else []
 
 
-def release_world_group() -> None:
+def free_finished_run() -> None:
     """The end of `run()`: the run's model is freed now (`gc.collect` frees one kept in a reference cycle, and
     with it DDP's Reducer), so that a later run has the memory; the process group stays for the script."""
     import gc
