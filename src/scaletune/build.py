@@ -19,7 +19,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import data, dropin, eval_sets, lora, schedule
+from . import data, dropin, eval_sets, lora, mixture, schedule
 from .checkpointer import Checkpointer
 from .config import RESOLVED_SECTION, Config, ConfigError
 from .distributed.accelerator import build_accelerator, configure_model
@@ -90,13 +90,15 @@ def build(cfg: Config, user: dropin.UserParts, resume: Optional[Resume]) -> Run:
     set_seed(t.seed)
     task = get_task(cfg.data.task)
     tokenizer = build_tokenizer(cfg, user)
-    prepared, workers = build_data(cfg, user, task, tokenizer, accelerator)
+    prepared, workers, mixture_counts = build_data(cfg, user, task, tokenizer, accelerator)
     config = effective_config(cfg)
     if resume is not None:
         check_resume_compatible(resume, config)
     model = build_model(cfg, user, task, prepared, tokenizer, accelerator)
     loaders = build_loaders(cfg, user, task, prepared, tokenizer, workers)
     loaders, model, optimizer, scheduler, plan = prepare(cfg, accelerator, model, loaders, prepared)
+    if mixture_counts is not None:
+        mixture_counts.dataloader = loaders.train  # the prepared loader: its samplers are what ran
 
     config_yaml = yaml.safe_dump(config, sort_keys=False)
     checkpointer = Checkpointer(accelerator, t, model, tokenizer, config_yaml)
@@ -129,7 +131,8 @@ def build(cfg: Config, user: dropin.UserParts, resume: Optional[Resume]) -> Run:
                           skip_nonfinite=t.on_nonfinite == "skip",
                           step_loss=build_step_loss(model, loss, t, accelerator.print))
         loop = Loop(args=t, data=train_data, stepper=stepper, evaluator=evaluator if loaders.eval is not None else None,
-                    checkpointer=checkpointer, tracker=tracker, meter=meter, watcher=watcher)
+                    checkpointer=checkpointer, tracker=tracker, meter=meter, watcher=watcher,
+                    mixture=mixture_counts)
     return Run(cfg=cfg, accelerator=accelerator, backend=backend, task=task, data=prepared, loaders=loaders,
                model=model, state=state, plan=plan, loop=loop, evaluator=evaluator, checkpointer=checkpointer,
                tracker=tracker, watcher=watcher, resume=resume)
@@ -171,8 +174,10 @@ def build_tokenizer(cfg: Config, user: dropin.UserParts) -> Any:
 
 
 def build_data(cfg: Config, user: dropin.UserParts, task: Task, tokenizer, accelerator: Accelerator
-               ) -> tuple[PreparedData, int]:
-    """The tokenized splits and the DataLoader workers per process; says which columns were detected."""
+               ) -> tuple[PreparedData, int, Optional[mixture.MixtureCounts]]:
+    """The tokenized splits, the DataLoader workers per process, and a train_mixture's per-source counter;
+    says which columns were detected."""
+    counts = None
     if user.brings_data:
         prepared = dropin.user_prepared_data(task, tokenizer, cfg, accelerator.main_process_first,
                                              user.train_dataset, user.eval_dataset, user.test_dataset,
@@ -182,13 +187,14 @@ def build_data(cfg: Config, user: dropin.UserParts, task: Task, tokenizer, accel
         sets = eval_sets.load_validation_sets(cfg, streaming=cfg.data.streaming)
         prepared = (eval_sets.prepare_with_sets(task, raw, sets, tokenizer, cfg, accelerator.main_process_first)
                     if sets else task.prepare_data(raw, tokenizer, cfg, accelerator.main_process_first))
+        counts = mixture.counter(cfg, raw.get("train"), prepared.train, accelerator.print)
     workers, why = data.dataloader_workers(cfg.training, user_collator=user.data_collator is not None)
     if why:
         accelerator.print(f"scaletune: dataloader workers: {why}", flush=True)
     if prepared.text_columns:  # which columns auto-detection chose is said before the work that uses them
         accelerator.print(f"scaletune: {task.name}: text columns {', '.join(prepared.text_columns)}"
                           + (f", label column {prepared.label_column}" if prepared.label_column else ""), flush=True)
-    return prepared, workers
+    return prepared, workers, counts
 
 
 def build_model(cfg: Config, user: dropin.UserParts, task: Task, prepared: PreparedData, tokenizer,

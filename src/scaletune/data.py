@@ -15,6 +15,7 @@ from typing import Optional
 
 from . import assets
 from .errors import DataError, ScaletuneError, first_line
+from .mixture import mixed_train
 from .model_source import DATASETS_OFFLINE, hub_offline
 from .splits import carve_validation_split
 
@@ -58,13 +59,16 @@ def check_files(cfg) -> None:
                                                                      ("test", d.test_file)) if p is not None}
     paths.update({(f"validation set {name!r}", f"validation_files[{name!r}]"): p
                   for name, p in (d.validation_files or {}).items()})
+    paths.update({(f"train mixture source {i}", f"train_mixture[{i}].path"): s["path"]
+                  for i, s in enumerate(d.train_mixture or ()) if s.get("path") is not None})
     for (what, key), path in paths.items():
         if not os.path.isfile(path):
             raise DataError(f"{key} {path!r} does not exist.")
         _check_utf8(key, path)
         if _has_no_rows(path):
             raise DataError(f"The {what} is empty: {key} {path!r} holds no rows.")
-    builders = {_builder_for(p)[0] for p in paths.values()}
+    # A mixture's sources are read one by one (scaletune.mixture): they may mix formats, the splits may not.
+    builders = {_builder_for(p)[0] for (_, key), p in paths.items() if not key.startswith("train_mixture")}
     if len(builders) > 1:
         raise DataError(f"Data files mix formats ({', '.join(sorted(builders))}); use one format for all splits.")
     name = d.dataset_name
@@ -142,7 +146,9 @@ def load_raw_datasets(cfg, streaming: bool = False):
             for split in extra:
                 raw[split] = extra[split]
     else:
-        raw = load_files(files, m.cache_dir, streaming)
+        raw = load_files(files, m.cache_dir, streaming) if files or not d.train_mixture else {}
+    if d.train_mixture:
+        raw["train"] = mixed_train(cfg, streaming, load_files)
     raw = datasets.DatasetDict(raw) if not streaming else datasets.IterableDatasetDict(raw)
     raw = _rename_splits(raw)
     if d.validation_files:  # they replace the dataset's validation split, and nothing is carved from train

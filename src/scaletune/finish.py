@@ -76,7 +76,8 @@ def finish(run: Run, stop_reason: str) -> RunResult:
                         "best_global_step": state.best_global_step,
                         "best_model_checkpoint": str(best) if best else None, "output_dir": t.output_dir,
                         "model_dir": t.output_dir, "predictions_file": predictions_file,
-                        "baseline": baseline(run) if "eval_loss" in metrics else None})
+                        "baseline": baseline(run) if "eval_loss" in metrics else None,
+                        "mixture": run.loop.mixture.summary(state) if run.loop and run.loop.mixture else None})
     # No accelerator.end_training(): it destroys the process group, which the script may still use (another
     # run(), its own collectives); distributed.accelerator destroys it at exit.
     return _result(run, metrics, stop_reason, predictions_file, predictions=test_output)

@@ -17,6 +17,7 @@ from . import schedule
 from .checkpointer import Checkpointer
 from .errors import NonFiniteError
 from .evaluation import Evaluator
+from .mixture import MixtureCounts
 from .preemption import PreemptionWatcher
 from .schedule import Plan
 from .state import TrainingState
@@ -44,6 +45,8 @@ class Loop:
     tracker: RunTracker
     meter: ThroughputMeter
     watcher: PreemptionWatcher
+    mixture: Optional[MixtureCounts] = None
+    """train_mixture: the samples trained on from each source, logged with the loss."""
 
 
 def fit(loop: Loop, state: TrainingState, plan: Plan) -> StopReason:
@@ -72,7 +75,8 @@ def fit(loop: Loop, state: TrainingState, plan: Plan) -> StopReason:
         if actions.log and log.steps:
             seen = {"num_input_tokens_seen": state.num_input_tokens_seen} if t.include_num_input_tokens_seen else {}
             record(loop, state, {**log.flush(loop.stepper.accelerator, update), **loop.meter.interval_metrics(),
-                                 **seen, "epoch": state.epoch})
+                                 **seen, **(loop.mixture.metrics(state) if loop.mixture else {}),
+                                 "epoch": state.epoch})
 
         new_best = False
         if actions.evaluate and loop.evaluator is not None:

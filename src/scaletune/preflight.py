@@ -25,8 +25,13 @@ def preflight(cfg: Config, user: Optional[UserParts] = None) -> Optional[resume.
     t = cfg.training
     check_report_to(t.report_to)
     user = user or UserParts()
-    if not user.brings_data and cfg.data.dataset_name is None and cfg.data.train_file is None and t.do_train:
-        raise ConfigError("No training data: set dataset_name or train_file (or pass train_dataset to run()).")
+    d = cfg.data
+    if not user.brings_data and d.dataset_name is None and d.train_file is None and not d.train_mixture and t.do_train:
+        raise ConfigError("No training data: set dataset_name, train_file or train_mixture (or pass train_dataset to "
+                          "run()).")
+    if user.brings_data and d.train_mixture:
+        raise ConfigError("train_mixture is set and run() was given datasets: the mixture would not be read; drop "
+                          "one of them.")
     sets = set_names(cfg, user.eval_dataset)  # several evaluation sets: eval_<set>_<metric>
     # reduce_lr_on_plateau steps on the best metric even when unset (eval_loss, which several sets do not report).
     metric = t.metric_for_best_model or (best_metric(None) if sets and t.lr_scheduler_type == "reduce_lr_on_plateau"

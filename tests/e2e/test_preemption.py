@@ -16,7 +16,9 @@ import time
 import pytest
 
 from scaletune.preemption import parse_job_record, requeue_decision
+from scaletune.tracking import read_jsonl
 from support.faults import worker_pids
+from support.trackers import assert_series_match_jsonl, read_mlflow, read_trackio
 from support.tiny import free_port
 
 SCONTROL_LINE = (
@@ -93,7 +95,8 @@ def test_watcher_turns_a_signal_into_a_stop_and_shields_child_processes():
 @pytest.mark.slow
 def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentiment_files, tmp_path):
     """Only rank 1 gets SIGUSR1 (as when one node is warned before another): both ranks stop after the same
-    update, write one complete checkpoint there, and exit cleanly."""
+    update, write one complete checkpoint there, and exit cleanly. The same command again (a requeued job)
+    resumes and finishes, continuing the one Trackio run and the one MLflow run that rank 0 alone logs to."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -101,8 +104,11 @@ def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentime
            "--model_name_or_path", tiny_bert, "--train_file", sentiment_files["train_file"],
            "--validation_file", sentiment_files["validation_file"], "--do_predict", "false",
            "--output_dir", str(out), "--max_steps", "60", "--per_device_train_batch_size", "4",
-           "--logging_steps", "1", "--save_steps", "50", "--disable_tqdm", "true"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+           "--logging_steps", "1", "--save_steps", "50", "--disable_tqdm", "true",
+           "--resume_from_checkpoint", "latest", "--report_to", "trackio,mlflow"]
+    # Both trackers at their defaults: stores inside output_dir, offline.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("TRACKIO_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
     proc = subprocess.Popen(cmd, env={**env, "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -131,3 +137,17 @@ def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentime
     assert {f.name for f in ckpts[0].glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert f"Preempted at step {stop}; checkpoint written." in log
     assert not (out / "model.safetensors").exists()  # stopped, not finished
+
+    again = subprocess.run(cmd, env={**env, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert f"Resumed from {ckpts[0]} at step {stop}." in again.stdout + again.stderr
+    records = read_jsonl(out / "metrics.jsonl")
+    assert sorted(r["step"] for r in records if "loss" in r) == list(range(1, 61))
+    run_id = json.loads((out / "trainer_state.json").read_text())["tracker_run_id"]
+    (name, series), = read_trackio(out / "trackio").items()  # one run: rank 1 logged nothing, the relaunch
+    assert name.endswith(f"-{run_id}")                         # continued the first attempt's run
+    assert_series_match_jsonl(records, series)
+    (mlflow_run, history), = read_mlflow(out / "mlruns")
+    assert mlflow_run.data.tags["scaletune.run_id"] == run_id and mlflow_run.info.status == "FINISHED"
+    assert_series_match_jsonl(records, history)

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..metric_names import check_eval_set_names
 from .checks import check_types
 from .checks import require as _require
+from .mixture import check_train_mixture
 from .peft import PEFTArguments
 from .training import (  # noqa: F401  (re-exported: the schema is every group)
     LOWER_IS_BETTER,
@@ -103,6 +104,21 @@ class DataArguments:
     train_file: Optional[str] = None
     """Local CSV/TSV/JSON/JSONL/parquet/txt file with the training data (token classification: also CoNLL,
     `.conll` or `.txt`: one `word ... tag` per line, a blank line between sentences)."""
+    train_mixture: Optional[list[dict]] = None
+    """Several weighted training sources mixed into one train set, instead of train_file / dataset_name (YAML/JSON
+    only), e.g. `[{path: a.csv, weight: 0.7}, {name: packaged:rotten_tomatoes, weight: 0.3}]`. A source has `path`
+    (a local file) or `name` (as dataset_name, with optional `config`), a positive `weight` (relative), and
+    optional `columns` renaming its columns first (`{review: text, stars: label}`). Rows are drawn by weight
+    with data_seed (else seed) into one fixed train set (`datasets.interleave_datasets`), so shuffling and an
+    exact mid-epoch resume, on any process count, work as for one file. Classification sources must have the
+    same labels. The samples trained on from each source are logged as `mixture_<source>_samples` (`<source>`:
+    the file's stem or the dataset's name) when the task keeps one example per row (not text cut into blocks)."""
+    train_mixture_stop: Optional[Literal["first_exhausted", "all_exhausted"]] = None
+    """train_mixture: where the mixed set ends: `first_exhausted` (unset: the default; when any source is used
+    up) or `all_exhausted` (when every source was used up at least once; the others start again)."""
+    train_mixture_samples: Optional[int] = None
+    """train_mixture: the mixed set holds exactly this many rows (sources start again when used up, and the draws
+    are cut here); not with train_mixture_stop."""
     validation_file: Optional[str] = None
     """Local file with the validation data (carved from train when absent)."""
     validation_files: Optional[dict[str, str]] = None
@@ -191,6 +207,16 @@ class DataArguments:
                 # named ones would log eval_loss beside eval_<name>_loss.
                 raise ConfigError("validation_file and validation_files are both set: name that set in "
                                   "validation_files too, and drop validation_file.")
+        if self.train_mixture is not None:
+            check_train_mixture(self.train_mixture, self)
+        elif self.train_mixture_stop is not None or self.train_mixture_samples is not None:
+            raise ConfigError("train_mixture_stop / train_mixture_samples are set without train_mixture: set "
+                              "train_mixture, or drop them.")
+        if self.train_mixture_stop is not None and self.train_mixture_samples is not None:
+            raise ConfigError("train_mixture_stop and train_mixture_samples are both set: a fixed number of "
+                              "samples is its own stopping rule; keep one.")
+        _require(self, "train_mixture_samples", self.train_mixture_samples is None or self.train_mixture_samples
+                 >= 1, ">= 1 (or unset)")
         _require(self, "sample_prompts", self.sample_prompts >= 0, ">= 0")
         _require(self, "sample_max_new_tokens", self.sample_max_new_tokens >= 1, ">= 1")
 

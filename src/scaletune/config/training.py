@@ -25,7 +25,7 @@ SchedulerType = Literal["linear", "cosine", "cosine_with_restarts", "polynomial"
 OptimizerName = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"]
 LoggingStrategy = Literal["no", "steps", "epoch"]
 SamplingStrategy = Literal["random", "group_by_length"]
-TRACKERS = ("wandb", "tensorboard")
+TRACKERS = ("wandb", "tensorboard", "trackio", "mlflow")
 # Metrics where smaller is better besides `*loss` (Trainer's only rule, which would keep the worst regression
 # or language model: its default for `mse` is greater_is_better=True).
 LOWER_IS_BETTER = ("mse", "rmse", "mae", "perplexity")
@@ -139,7 +139,10 @@ class TrainingArguments:
     (`torch.load(weights_only=False)`), so a checkpoint from an untrusted source could run code; checkpoints the
     run wrote itself are trusted."""
     report_to: Union[str, list] = "none"
-    """Trackers: `wandb`, `tensorboard`, `none`, or several (`wandb,tensorboard`)."""
+    """Trackers: `wandb`, `tensorboard`, `trackio`, `mlflow`, `none`, or several (`wandb,tensorboard`). Trackio
+    writes a local project in $TRACKIO_DIR (default output_dir/trackio; project $TRACKIO_PROJECT, else
+    `scaletune`); MLflow logs to $MLFLOW_TRACKING_URI (default a file store in output_dir/mlruns; experiment
+    $MLFLOW_EXPERIMENT_NAME, else `scaletune`). Both offline unless their variables point at a server."""
     run_name: Optional[str] = None
     """Run name for trackers (default: output_dir's name)."""
     wandb_project: Optional[str] = None
@@ -152,6 +155,9 @@ class TrainingArguments:
     """W&B tags, comma separated (default: $WANDB_TAGS)."""
     logging_dir: Optional[str] = None
     """TensorBoard log dir (default: output_dir/runs)."""
+    log_model_artifact: bool = False
+    """Log the exported model (weights, config, tokenizer, card) as an artifact of the MLflow and Trackio runs
+    at the end of a finished run (W&B and TensorBoard get none)."""
     disable_tqdm: bool = False
     """No progress bar."""
     dataloader_num_workers: Optional[int] = None

@@ -1,4 +1,4 @@
-"""Run tracking: JSONL log, trackers (W&B, TensorBoard), progress bar, end summary, curves PNG.
+"""Run tracking: JSONL log, trackers (W&B, TensorBoard, Trackio, MLflow), progress bar, end summary, curves PNG.
 
 Interface used by the loop (keep it stable):
     tracker = RunTracker(cfg, accelerator, run_id=None)   # run_id: resume the same W&B run
@@ -20,12 +20,18 @@ What gets written (main process only):
     W&B                          keys as transformers' WandbCallback: `eval_x` -> `eval/x`, `test_x` -> `test/x`,
                                  everything else `train/x`; step = optimizer step; run id = tracker.run_id
     TensorBoard                  same keys and steps under logging_dir/run_name (default output_dir/runs/<name>)
+    Trackio                      same keys and steps, local SQLite in $TRACKIO_DIR (default output_dir/trackio),
+                                 run `<name>-<run id>` continued on resume
+    MLflow                       same keys and steps, config as params, $MLFLOW_TRACKING_URI (default a file store
+                                 in output_dir/mlruns), run tagged scaletune.run_id=<run id> continued on resume;
+                                 with log_model_artifact, the exported model as an artifact (also Trackio)
 Secret values from the environment (scaletune.secrets) are replaced by `***` in all of these and in what is
 printed: config, hparams, run name, metrics, summary.
 
 Modules, one per sink: preflight (checks before anything heavy), jsonl (metrics.jsonl), sinks (W&B and
-TensorBoard), curves (PNG), summary (printed text). RunTracker, the facade that drives them, lives here so that
-its module globals are the package's names (patching scaletune.tracking.plot_curves reaches it).
+TensorBoard; the tracker key rule all trackers share), trackio_sink, mlflow_sink, curves (PNG), summary (printed
+text). RunTracker, the facade that drives them, lives here so that its module globals are the package's names
+(patching scaletune.tracking.plot_curves reaches it).
 """
 
 from __future__ import annotations
@@ -35,13 +41,16 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional
 
+from ..errors import ConfigError, first_line
 from ..secrets import redact_values, secret_values
 from .curves import CURVES_FILE, PANELS, curve_series, plot_curves
 from .jsonl import METRICS_FILE, append_jsonl, keep_jsonl_until, read_jsonl, to_python
+from .mlflow_sink import mlflow_params, mlflow_tracking_uri, start_mlflow
 from .preflight import TRACKER_PACKAGES, check_report_to, wandb_credentials_found
 from .sinks import (
     DEFAULT_WANDB_PROJECT,
     hparams_for_tensorboard,
+    model_files,
     new_run_id,
     resolve_logging_dir,
     resolve_run_name,
@@ -54,13 +63,14 @@ from .sinks import (
     wandb_summary,
 )
 from .summary import format_metrics, format_summary
+from .trackio_sink import start_trackio, trackio_dir
 
 __all__ = [
     "CURVES_FILE", "DEFAULT_WANDB_PROJECT", "METRICS_FILE", "PANELS", "TRACKER_PACKAGES", "RunTracker",
     "append_jsonl", "check_report_to", "curve_series", "format_metrics", "format_summary",
     "hparams_for_tensorboard", "new_run_id", "plot_curves", "quiet_other_ranks", "read_jsonl",
     "resolve_logging_dir", "resolve_run_name", "to_python", "tracker_key", "tracker_metrics",
-    "wandb_credentials_found", "wandb_init_kwargs",
+    "wandb_credentials_found", "wandb_init_kwargs", "mlflow_params", "mlflow_tracking_uri", "trackio_dir",
 ]
 
 
@@ -104,6 +114,7 @@ class RunTracker:
         self.wandb_run = None
         self._wandb_tracker = None
         self.tensorboard_dir: Optional[str] = None
+        self._stores: dict = {}  # "trackio"/"mlflow" -> its sink: log_model and where to find it at the end
         self._bar = None
         self._t0 = time.time()
         if self.is_main:
@@ -128,6 +139,17 @@ class RunTracker:
             tracker = start_tensorboard(self.run_name, resolve_logging_dir(t), config, env)
             self.tensorboard_dir = tracker.logging_dir
             self.trackers.append(tracker)
+        for name, start, where in (("trackio", start_trackio, "TRACKIO_DIR, TRACKIO_SPACE_ID, TRACKIO_SERVER_URL"),
+                                   ("mlflow", start_mlflow, "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME")):
+            if name not in self.report_to:
+                continue
+            try:
+                self._stores[name] = sink = start(t, config, self.run_id, self.run_name, env)
+            except Exception as e:  # a store that refuses (permissions, a server that rejects the client)
+                cause = redact_values(first_line(e), self._secrets)
+                raise ConfigError(f"report_to includes {name!r} but it could not start ({type(e).__name__}: "
+                                  f"{cause}); check {where}, or drop {name} from report_to.") from None
+            self.trackers.append(sink)
 
     # ------------------------------------------------------------------ progress
 
@@ -206,7 +228,15 @@ class RunTracker:
             written["wandb"] = wandb_location(self.wandb_run)
             run = self.wandb_run
             self._guarded(self._wandb_tracker, lambda: run.summary.update(wandb_summary(summary)))
-        for tracker in list(self.trackers):
+        preempted = summary.get("stop_reason") == "preempted"
+        for name, sink in self._stores.items():
+            if sink not in self.trackers:
+                continue  # dropped after a failure, already said
+            written[name] = sink.location()
+            if self.cfg.training.log_model_artifact and summary.get("model_dir"):
+                self._guarded(sink, lambda: sink.log_model(model_files(summary["model_dir"])))
+            self._guarded(sink, lambda: sink.finish(preempted))
+        for tracker in [t for t in self.trackers if t not in self._stores.values()]:
             self._guarded(tracker, tracker.finish)
         self.trackers = []
         run_line = f"{self.run_name}  (run id {self.run_id})"

@@ -1,4 +1,4 @@
-"""Tracker checks that run before any model is loaded: packages installed, W&B logged in.
+"""Tracker checks that run before any model is loaded: packages installed, W&B logged in, MLflow server reachable.
 
 Standard library only (no wandb, no torch): train.preflight calls this in the first second of a run, so a
 missing login fails there instead of after model loading, or on SLURM after the allocation was granted.
@@ -11,13 +11,20 @@ from __future__ import annotations
 import importlib.util
 import netrc
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 
-TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
+# report_to name -> (module, pip package); the scaletune extra that installs it.
+TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard"),
+                    "trackio": ("trackio", "trackio"), "mlflow": ("mlflow", "mlflow-skinny")}
+TRACKER_EXTRAS = {"wandb": "tracking", "tensorboard": "tracking", "trackio": "trackio", "mlflow": "mlflow"}
+# Seconds the MLflow server check waits: long enough for a busy server, short enough to fail in seconds.
+MLFLOW_CHECK_TIMEOUT = 5.0
 DEFAULT_WANDB_BASE_URL = "https://api.wandb.ai"
 # Modes in which wandb.init never contacts the server, so no credentials are needed.
 WANDB_LOCAL_MODES = frozenset({"offline", "disabled", "dryrun"})
@@ -34,7 +41,8 @@ def check_report_to(report_to, env: Optional[Mapping[str, str]] = None, netrc_pa
         if importlib.util.find_spec(module) is None:
             raise ConfigError(
                 f"report_to includes {name!r} but the {module!r} package is not installed: "
-                f"pip install {pip_name} (or pip install 'scaletune[tracking]'), or drop {name} from report_to."
+                f"pip install {pip_name} (or pip install 'scaletune[{TRACKER_EXTRAS[name]}]'), or drop {name} from "
+                "report_to."
             )
     if "wandb" in (report_to or ()) and not wandb_credentials_found(env, netrc_path):
         path = resolve_netrc_path(env) if netrc_path is None else Path(netrc_path)
@@ -43,6 +51,30 @@ def check_report_to(report_to, env: Optional[Mapping[str, str]] = None, netrc_pa
             f"{path} has no entry for it): run `wandb login`, or set WANDB_API_KEY=..., or set WANDB_MODE=offline "
             "(upload later with `wandb sync`), or drop wandb from report_to."
         )
+    if "mlflow" in (report_to or ()):
+        check_mlflow_server(env)
+
+
+def check_mlflow_server(env: Mapping[str, str], timeout: float = MLFLOW_CHECK_TIMEOUT) -> None:
+    """An http(s) MLFLOW_TRACKING_URI must answer (any HTTP status counts: a 401 is a server that is up); the
+    MLflow client itself would retry for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES) after the model loaded."""
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return  # a file store, or a database/Databricks URI whose client fails at start with its own message
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as e:  # URLError, refused, timeout, a malformed host
+        reason = getattr(e, "reason", e)
+        parts = urlsplit(uri)
+        shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()  # never print user:password@
+        raise ConfigError(
+            f"report_to includes 'mlflow' but the MLflow server at MLFLOW_TRACKING_URI={shown} does not answer "
+            f"({reason}): start it (`mlflow server`), fix MLFLOW_TRACKING_URI, or unset it to log to a file store "
+            "in output_dir/mlruns, or drop mlflow from report_to."
+        ) from None
 
 
 def wandb_credentials_found(env: Mapping[str, str], netrc_path=None) -> bool:

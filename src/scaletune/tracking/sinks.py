@@ -9,6 +9,7 @@ scaletune.secrets first: W&B uploads it, and TensorBoard event files get copied 
 from __future__ import annotations
 
 import uuid
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -16,6 +17,11 @@ from ..metric_names import split_of
 from ..secrets import redact_values, secret_values
 
 DEFAULT_WANDB_PROJECT = "scaletune"
+# The exported model among output_dir's files (save_pretrained, the tokenizer, the card, a LoRA adapter folder);
+# the run's own files (logs, checkpoints, tracker stores) are not part of it.
+MODEL_FILE_PATTERNS = ("*.safetensors", "config.json", "generation_config.json", "README.md", "tokenizer*",
+                       "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                       "chat_template.jinja", "preprocessor_config.json", "adapter")
 
 
 def tracker_key(name: str) -> str:
@@ -77,8 +83,24 @@ def new_run_id(env: Mapping[str, str], report_to) -> str:
     return uuid.uuid4().hex[:8]
 
 
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict:
+    """Nested mappings (a DeepSpeed dict, eval sets) as dotted keys, so each value is one param (MLflow)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def model_files(output_dir) -> list[Path]:
+    """The exported model's files and folders in output_dir (what log_model_artifact uploads)."""
+    return sorted(p for p in Path(output_dir).iterdir() if any(fnmatchcase(p.name, pat) for pat in MODEL_FILE_PATTERNS))
+
+
 def hparams_for_tensorboard(config: Mapping[str, Any]) -> dict:
-    """TensorBoard hparams accept only scalars and strings."""
+    """TensorBoard hparams accept only scalars and strings (MLflow params take the same rule, as strings)."""
     out = {}
     for k, v in config.items():
         if v is None or isinstance(v, (bool, int, float, str)):

@@ -34,6 +34,8 @@ def format_summary(summary: Mapping[str, Any], metric_for_best: Optional[str], w
                   if k.startswith(prefix + "_")]
         for i, chunk in enumerate(textwrap.wrap("  ".join(finals), 80)):
             rows.append((f"final {prefix}" if i == 0 else "", chunk))
+    if summary.get("mixture"):  # train_mixture: samples trained on from each source
+        rows.append(("samples per source", str(summary["mixture"])))
     if summary.get("baseline"):  # for scale: what a trivial model scores on the same eval data
         rows.append(("baseline eval", str(summary["baseline"])))
     for label, key in (("output dir", "output_dir"), ("model", "model_dir"), ("predictions", "predictions_file")):
