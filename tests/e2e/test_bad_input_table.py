@@ -1,9 +1,11 @@
-"""The bad-input table: each case through `python -m scaletune.train`, as a user runs it, into the output dir of
-an earlier real run. Every case: exit code 2, exactly one line on stderr naming the problem, no traceback, and
-no file of the earlier run changed (README states the count)."""
+"""The bad-input table: each case through `scaletune.train.main`, as `python -m scaletune.train` calls it, into the
+output dir of an earlier real run; all cases in one process (a process per case cost 2-8 s each), a few also
+through `python -m scaletune.train` itself. Every case: exit code 2, exactly one line on stderr naming the
+problem, no traceback, and no file of the earlier run changed (README states the count)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -157,27 +159,57 @@ def cases(tiny_bert: str, data: dict, bad: dict, out: str) -> dict:
     }
 
 
+# Also run as the user runs them, `python -m scaletune.train` in a process of its own: a config error (before
+# torch), a data file, a model folder (torch imported) and a resume against the earlier run's checkpoint.
+AS_A_PROCESS = ("unknown key", "missing train file", "model folder without weights", "changed batch size on resume")
+
+
+def judge(name: str, expected: str, exit_code, stdout: str, stderr: str) -> list[str]:
+    """What is wrong with a case's outcome: exit 2 and one `scaletune: error:` line naming `expected`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    problems = []
+    if exit_code != 2:
+        problems.append(f"exit {exit_code}")
+    if len(lines) != 1 or not lines[0].startswith("scaletune: error: ") or expected not in lines[0]:
+        problems.append(f"stderr {lines[-3:]!r}")
+    if "Traceback" in stderr + stdout:
+        problems.append("traceback")
+    return [f"{name}: {p}" for p in problems]
+
+
 def test_bad_input_table(finished_run, tiny_bert, sentiment_files, tmp_path):
+    """Every case in one process (support/bad_input_driver.py: `scaletune.train.main` with fds 1 and 2 caught
+    per case), and the AS_A_PROCESS cases also as `python -m scaletune.train`."""
     import os
 
     before = tree(finished_run)
     table = cases(tiny_bert, sentiment_files, {**files(tmp_path), **model_folders(tmp_path, tiny_bert)},
                   str(finished_run))
-    assert len(table) >= 30
+    assert len(table) >= 30 and set(AS_A_PROCESS) <= set(table)
+    tests = str(Path(__file__).resolve().parents[1])  # for support.bad_input_driver
+    env = {**os.environ, **QUIET_ENV,
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    (tmp_path / "cases.json").write_text(json.dumps({name: args for name, (args, _) in table.items()}))
+    driver = subprocess.run([sys.executable, "-m", "support.bad_input_driver", str(tmp_path / "cases.json"),
+                             str(tmp_path / "results.json"), str(finished_run)], capture_output=True, text=True,
+                            timeout=900, env=env)
+    assert driver.returncode == 0, driver.stderr[-6000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == list(table)
     failures = []
-    for name, (args, expected) in table.items():
+    for name, (_, expected) in table.items():
+        r = results[name]
+        if "escaped" in r:  # main let an exception out: a traceback for the user
+            failures.append(f"{name}: escaped main: {r['escaped'][-2000:]}")
+            continue
+        failures += judge(name, expected, r["exit"], r["stdout"], r["stderr"])
+        if r["digest"] != before:
+            failures.append(f"{name}: changed the earlier run's files")
+    for name in AS_A_PROCESS:
+        args, expected = table[name]
         proc = subprocess.run([sys.executable, "-m", "scaletune.train", *args], capture_output=True, text=True,
                               timeout=300, env={**os.environ, **QUIET_ENV})
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        problems = []
-        if proc.returncode != 2:
-            problems.append(f"exit {proc.returncode}")
-        if len(lines) != 1 or not lines[0].startswith("scaletune: error: ") or expected not in lines[0]:
-            problems.append(f"stderr {lines[-3:]!r}")
-        if "Traceback" in proc.stderr + proc.stdout:
-            problems.append("traceback")
+        failures += [f"{p} (as a process)" for p in judge(name, expected, proc.returncode, proc.stdout, proc.stderr)]
         if tree(finished_run) != before:
-            problems.append("changed the earlier run's files")
-        if problems:
-            failures.append(f"{name}: {'; '.join(problems)}")
+            failures.append(f"{name}: changed the earlier run's files (as a process)")
     assert not failures, "\n".join(failures)

@@ -149,16 +149,18 @@ def _partial_keys(out: Path) -> set:
 
 
 def test_kill_9_during_saves_never_resumes_a_partial_checkpoint(reference, tiny_bert, sentiment_files, tmp_path):
-    """SIGKILL at 8 seeded-random moments in and around saves (a save every update); each restart resumes with
+    """SIGKILL at 5 seeded-random moments in and around saves (a save every update); each restart resumes with
     `latest`. No kill ever exposes a torn checkpoint-N, every restart resumes from the newest complete one, and
-    the run that finally finishes equals the uninterrupted one."""
+    the run that finally finishes equals the uninterrupted one. 5, not more: each kill is a process start (~10 s
+    on 2 cores), and 5 land at least one kill inside a save run after run."""
+    kills_wanted = 5
     rng = random.Random(20261201)
     out = tmp_path / "out"
     cmd = train_cmd(cli(ref_config(tiny_bert, sentiment_files, out, resume_from_checkpoint="latest")))
     kills, in_save, attempt = [], 0, 0
-    while len(kills) < 8:
+    while len(kills) < kills_wanted:
         attempt += 1
-        assert attempt <= 12, f"the run kept finishing before it could be killed: {kills}"
+        assert attempt <= kills_wanted + 4, f"the run kept finishing before it could be killed: {kills}"
         expected = list_checkpoints(out) if out.is_dir() else {}
         saves_to_see = rng.randint(1, 2)  # kill in the first or the second save of this attempt...
         delay = rng.uniform(0.0, 0.25)  # ...this long after it started: inside the save, its rotation, or after
@@ -203,7 +205,7 @@ def test_kill_9_during_saves_never_resumes_a_partial_checkpoint(reference, tiny_
             assert verify(folder) is None, (step, kills[-1])
         assert list_checkpoints(out) == checkpoint_dirs(out), kills[-1]
     print("kills:", json.dumps(kills, indent=1))
-    assert len(kills) >= 8, kills
+    assert len(kills) >= kills_wanted, kills
     assert in_save >= 1, f"no kill landed inside a save: {kills}"
 
     expected = list_checkpoints(out)
