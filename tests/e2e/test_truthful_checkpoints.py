@@ -101,7 +101,9 @@ def test_an_edited_trainer_state_is_damage_and_state_files_must_agree(copied_run
 
 # ============================================================================ 4: one lock, two runs
 
-RACES = 50
+RACES = 12
+"""Two whole runs per race; the lock itself is raced 300 times, forked, in tests/unit/test_lock.py. These check
+the run's wiring of it: the winner goes on, the loser's one line names it."""
 
 
 def test_two_runs_started_together_on_one_output_dir_never_both_proceed(tiny_bert, sentiment_files, tmp_path):
