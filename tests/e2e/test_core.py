@@ -1,8 +1,7 @@
-"""The core loop end to end: accumulation, exact resume, DDP evaluation, export, fine-tuning a real model."""
+"""The core loop end to end: accumulation, exact resume, export, fine-tuning a real model."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from scaletune.train import run
-from support.tiny import accelerate_launch
 
 pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
@@ -108,36 +106,9 @@ def test_interrupted_save_is_never_resumed(tiny_bert, sentiment_files, tmp_path)
     assert "checkpoint-6" in [Path(p).name for p in r.checkpoints]
 
 
-def test_two_process_ddp_eval_equals_one_process(tiny_bert, sentiment_files, tmp_path):
-    """Real DDP over gloo; 37 validation rows over 2 ranks (uneven, padded last batch): the in-loop metrics
-    equal a one-process evaluation of the exported model, which also reloads with from_pretrained."""
-    out = tmp_path / "ddp"
-    accelerate_launch(2, ["--model_name_or_path", tiny_bert, "--train_file", sentiment_files["train_file"],
-                          "--validation_file", sentiment_files["validation_file"], "--test_file",
-                          sentiment_files["test_file"], "--output_dir", str(out), "--max_steps", "6",
-                          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "5",
-                          "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "3",
-                          "--load_best_model_at_end", "true", "--metric_for_best_model", "loss",
-                          "--learning_rate", "1e-3", "--disable_tqdm", "true"])
-    ddp = json.loads((out / "all_results.json").read_text())
-    state = json.loads((out / "trainer_state.json").read_text())
-    best_eval = next(e for e in state["log_history"] if "eval_loss" in e and e["step"] == state["best_global_step"])
-    # Final metrics are those of the reloaded best checkpoint, as evaluated in the loop.
-    assert ddp["eval_loss"] == pytest.approx(best_eval["eval_loss"], rel=1e-6)
-    assert ddp["eval_accuracy"] == best_eval["eval_accuracy"]
-    # One logging process: one line per event in the JSONL log.
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == sorted(set(steps))
-
-    single = run({"model_name_or_path": str(out), "validation_file": sentiment_files["validation_file"],
-                  "test_file": sentiment_files["test_file"], "do_train": False, "output_dir": str(tmp_path / "one"),
-                  "per_device_eval_batch_size": 64, "disable_tqdm": True})
-    for k in ("eval_loss", "eval_accuracy", "eval_f1", "eval_matthews_correlation", "test_loss", "test_accuracy"):
-        assert single.metrics[k] == pytest.approx(ddp[k], rel=1e-5, abs=1e-7), k
-    # The prediction file covers every test row exactly once, despite the 2-rank padding.
-    rows = (out / "predictions.csv").read_text().splitlines()
-    assert len(rows) == 1 + 21 and len({r.split(",")[0] for r in rows[1:]}) == 21
+# Two processes: tests/parity/test_parity_eval.py (evaluation with an uneven last round equals Trainer's, and
+# the test pass writes each row once) and tests/e2e/test_scale_out.py (DDP training, best reload and resume equal
+# one process).
 
 
 def test_exported_model_reloads_and_reproduces_eval(tiny_bert, sentiment_files, tmp_path):

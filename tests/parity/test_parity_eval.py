@@ -72,16 +72,21 @@ def test_one_process_eval_equals_trainer_evaluate(tiny_bert, sentiment_files, tr
 def test_two_process_eval_with_uneven_last_batch_equals_trainer_evaluate(tiny_bert, sentiment_files, trainer_eval,
                                                                          tmp_path):
     """scaletune's built-in metrics (what the CLI reports, all_results.json) from a 2-process evaluation equal
-    what a Trainer user computes with scikit-learn on one process."""
-    assert 37 % (2 * EVAL_BATCH) != 0  # the last round of batches is uneven across the two ranks
+    what a Trainer user computes with scikit-learn on one process; and the 2-process test pass writes each test
+    row exactly once, despite the ranks' padding of the last round (21 rows)."""
+    assert 37 % (2 * EVAL_BATCH) != 0 and 21 % (2 * EVAL_BATCH) != 0  # the last rounds are uneven across ranks
     out = tmp_path / "ours_2proc"
     args = []
-    for k, v in eval_only(tiny_bert, sentiment_files, out).items():
+    job = {**eval_only(tiny_bert, sentiment_files, out), "do_predict": True, "test_file": sentiment_files["test_file"]}
+    for k, v in job.items():
         args += [f"--{k}", str(v)]
     accelerate_launch(2, args, timeout=300)
     ours = json.loads((out / "all_results.json").read_text())
     for key in ("eval_loss", *(f"eval_{m}" for m in METRICS)):
         assert rel(ours[key], trainer_eval[key]) < 1e-6, (key, ours[key], trainer_eval[key])
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 1 + 21 and len({r.split(",")[0] for r in rows[1:]}) == 21, rows[:3]
+    assert "test_loss" in ours and "test_accuracy" in ours
 
 
 # --------------------------------------------------------------------------- masked-LM: a documented difference
