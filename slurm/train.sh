@@ -67,21 +67,19 @@ submitted=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o ' Command
 home=${SCALETUNE_HOME:-$( [[ -n "$submitted" ]] && cd "$(dirname "$submitted")/.." 2>/dev/null && pwd || echo "$PWD")}
 [[ -x "$home/launch" ]] || die "cannot find the scaletune checkout (no $home/launch); set SCALETUNE_HOME."
 
-# The first argument is the preset if it names one; otherwise ACCELERATE_CONFIG, otherwise chosen below.
-is_accelerate_config() {
-    [[ "$1" != -* ]] && { [[ -f "$home/accelerate_configs/$1.yaml" ]] \
-        || { [[ -f "$1" ]] && grep -q '^distributed_type:' "$1"; }; }
-}
-preset=${ACCELERATE_CONFIG:-}
-if (( $# > 0 )) && is_accelerate_config "$1"; then
-    preset=$1
-    shift
-fi
-if [[ -n "$preset" ]]; then
-    is_accelerate_config "$preset" || die "accelerate config '$preset' is neither a preset nor a file with" \
-        "distributed_type:; presets: $(cd "$home/accelerate_configs" && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
-    [[ -f "$preset" ]] && preset=$(cd "$(dirname "$preset")" && pwd)/$(basename "$preset")
-fi
+num_nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
+gpus=${gpus##*:}                                             # "a100:4" -> 4
+nproc_per_node=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+
+# The first argument is the preset if it names one; otherwise ACCELERATE_CONFIG, otherwise single_gpu, multi_gpu
+# or multi_node by the counts. The rule is scaletune.launch_plan.cluster_preset, shared with scaletune.k8s.
+preset_out=$("$PYTHON" -m scaletune.launch_plan --cluster_preset --repo "$home" --num_machines "$num_nodes" \
+    --num_processes "$nproc_per_node" -- "${1:-}" 2>&1) \
+    || { error=$(echo "$preset_out" | sed -n 's/^launch: error: //p'); die "${error:-$preset_out}"; }
+eval "$(echo "$preset_out" | grep -E '^PRESET(_GIVEN)?=')"
+preset=$PRESET
+(( PRESET_GIVEN == 0 )) || shift
 
 train_args=("$@")
 if (( attempt > 0 )); then
@@ -105,26 +103,12 @@ except (ValueError, RuntimeError, OSError, ImportError) as e:  # scaletune's err
 PY
 
 # ---------------------------------------------------------------------------------------------- topology
-num_nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
-gpus=${gpus##*:}                                             # "a100:4" -> 4
-nproc_per_node=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
 num_processes=$(( num_nodes * nproc_per_node ))
 hosts=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 main_host=${hosts[0]}
 # From the job id, so jobs sharing a node do not collide; the attempt is mixed in because a requeued attempt
 # may start before the previous attempt's port is free. Below Linux's ephemeral range (32768+).
 main_port=${MAIN_PORT:-$(( 10000 + (SLURM_JOB_ID % 5000) * 4 + attempt % 4 ))}
-
-if [[ -z "$preset" ]]; then
-    if (( num_nodes > 1 )); then
-        preset=multi_node
-    elif (( nproc_per_node > 1 )); then
-        preset=multi_gpu
-    else
-        preset=single_gpu
-    fi
-fi
 
 launch_args=(--num_machines "$num_nodes" --num_processes "$nproc_per_node"
              --main_process_ip "$main_host" --main_process_port "$main_port")

@@ -10,6 +10,7 @@ checkpoint's settings, the data position and the model's attention are checked f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from . import data, dropin, eval_sets, lora, mixture, schedule
+from .batch_search import TEST_OOM_ROWS, find_batch_sizes, install_test_oom_hook
 from .checkpointer import Checkpointer
 from .config import RESOLVED_SECTION, Config, ConfigError
 from .distributed.accelerator import build_accelerator, configure_model
@@ -95,6 +97,13 @@ def build(cfg: Config, user: dropin.UserParts, resume: Optional[Resume]) -> Run:
     if resume is not None:
         check_resume_compatible(resume, config)
     model = build_model(cfg, user, task, prepared, tokenizer, accelerator)
+    if TEST_OOM_ROWS in os.environ:  # a test hook (tests/e2e/test_batch_search.py): OOM above N rows
+        install_test_oom_hook(model)
+    if t.auto_find_batch_size and resume is None:  # a resume reuses its checkpoint's sizes (preflight.run_config)
+        cfg = find_batch_sizes(cfg, accelerator, model, prepared,
+                               lambda training: collator(cfg, user, task, tokenizer, training))
+        set_seed(t.seed)  # as build_model left it: the probe drew dropout and masking randomness
+        t, config = cfg.training, effective_config(cfg)
     loaders = build_loaders(cfg, user, task, prepared, tokenizer, workers)
     loaders, model, optimizer, scheduler, plan = prepare(cfg, accelerator, model, loaders, prepared)
     if mixture_counts is not None:
@@ -231,7 +240,7 @@ def build_loaders(cfg: Config, user: dropin.UserParts, task: Task, prepared: Pre
     t = cfg.training
 
     def loader(split, training: bool, batch_size: int):
-        collate = user.data_collator or dropin.default_collator(tokenizer, task, cfg, training)
+        collate = collator(cfg, user, task, tokenizer, training)
         return data.build_dataloader(split, collate, batch_size, training, t, workers)
 
     loaders = Loaders(
@@ -245,6 +254,10 @@ def build_loaders(cfg: Config, user: dropin.UserParts, task: Task, prepared: Pre
         raise ConfigError("Evaluation is on but there is no validation data: set validation_file or "
                           "validation_split_percentage > 0.")
     return loaders
+
+
+def collator(cfg: Config, user: dropin.UserParts, task: Task, tokenizer, training: bool):
+    return user.data_collator or dropin.default_collator(tokenizer, task, cfg, training)
 
 
 def write_run_config(output_dir: Path, config_yaml: str, resolved: dict) -> None:

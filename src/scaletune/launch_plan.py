@@ -34,7 +34,43 @@ class LaunchError(ConfigError):
     """A launcher option or accelerate config that `./launch` cannot turn into a command."""
 
 
-def _whole(name: str, value) -> Optional[int]:
+def accelerate_config_arg(arg: str, repo: str) -> Optional[str]:
+    """The accelerate config `arg` names, else None: a preset of REPO/accelerate_configs or a YAML file with a
+    `distributed_type:` line (so a training config file given first is not mistaken for one). What a cluster
+    entry (slurm/train.sh, scaletune.k8s) reads as its optional first argument."""
+    if arg.startswith("-"):
+        return None
+    preset = os.path.join(repo, "accelerate_configs", f"{arg}.yaml")
+    if os.path.isfile(preset):
+        return arg
+    try:
+        with open(arg) as f:
+            return os.path.abspath(arg) if any(line.startswith("distributed_type:") for line in f) else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cluster_preset(args: list[str], env: Mapping[str, str], repo: str, machines: int,
+                   per_machine: int) -> tuple[str, list[str]]:
+    """(PRESET, the other arguments) of a cluster entry's command line (slurm/train.sh, scaletune.k8s): the
+    first argument if it names an accelerate config, else $ACCELERATE_CONFIG (which must name one), else
+    single_gpu, multi_gpu or multi_node by the node and process counts."""
+    given = accelerate_config_arg(args[0], repo) if args else None
+    if given is not None:
+        return given, list(args[1:])
+    named = env.get("ACCELERATE_CONFIG")
+    if named:
+        preset = accelerate_config_arg(named, repo)
+        if preset is None:
+            configs = os.listdir(os.path.join(repo, "accelerate_configs"))
+            presets = sorted(f[:-len(".yaml")] for f in configs if f.endswith(".yaml"))
+            raise LaunchError(f"accelerate config '{named}' is neither a preset nor a file with distributed_type:; "
+                              f"presets: {' '.join(presets)}")
+        return preset, list(args)
+    return ("multi_node" if machines > 1 else "multi_gpu" if per_machine > 1 else "single_gpu"), list(args)
+
+
+def whole_number(name: str, value) -> Optional[int]:
     if value is None or value == "":
         return None
     if not str(value).isdigit():
@@ -56,7 +92,7 @@ def launch_plan(opts: Mapping[str, Optional[str]], training, env: Mapping[str, s
     def first(*values):
         return next((v for v in values if v is not None and v != ""), None)
 
-    cpu, nproc = _whole("--cpu", opts.get("cpu")), _whole("--num_processes", opts.get("num_processes"))
+    cpu, nproc = whole_number("--cpu", opts.get("cpu")), whole_number("--num_processes", opts.get("num_processes"))
     mixed = opts.get("mixed_precision")
     if mixed is not None and mixed not in ("no", "bf16", "fp16"):
         raise LaunchError(f"--mixed_precision must be no, bf16 or fp16, got '{mixed}'.")
@@ -75,16 +111,16 @@ def launch_plan(opts: Mapping[str, Optional[str]], training, env: Mapping[str, s
     if cpu is not None and nproc is not None and nproc != cpu:
         raise LaunchError("give either --cpu N or --num_processes N, not both.")
 
-    machines = _whole("--num_machines", first(opts.get("num_machines"), env.get("SLURM_NNODES"),
+    machines = whole_number("--num_machines", first(opts.get("num_machines"), env.get("SLURM_NNODES"),
                                               acc.get("num_machines"), 1))
     if machines < 1:
         raise LaunchError("--num_machines must be at least 1.")
     multi_machine, rank, ip = machines > 1, 0, None
     # One machine: port 0 lets accelerate pick a free one, so two launches on a machine do not collide.
-    port = _whole("--main_process_port", first(opts.get("main_process_port"), env.get("MASTER_PORT"),
+    port = whole_number("--main_process_port", first(opts.get("main_process_port"), env.get("MASTER_PORT"),
                                                acc.get("main_process_port") if multi_machine else 0))
     if multi_machine:
-        rank = _whole("--machine_rank", first(opts.get("machine_rank"), env.get("SLURM_NODEID"), 0))
+        rank = whole_number("--machine_rank", first(opts.get("machine_rank"), env.get("SLURM_NODEID"), 0))
         ip = first(opts.get("main_process_ip"), env.get("MASTER_ADDR"), acc.get("main_process_ip"))
         if rank >= machines:
             raise LaunchError(f"--machine_rank {rank} is not below --num_machines {machines}.")
@@ -141,7 +177,9 @@ def plan(argv: list[str]) -> int:
     """`plan --accelerate_config FILE [--repo DIR] [launcher options] -- [CONFIG] [--key value ...]`: what
     ./launch runs first. Resolves the training config as `scaletune.train` would and the topology
     (`launch_plan`), and prints every value the launch command needs as shell assignments (NAME='value').
-    A bad config or an impossible topology is one `error:` line on stderr and exit code 2; no torch import."""
+    A bad config or an impossible topology is one `error:` line on stderr and exit code 2; no torch import.
+    `plan --cluster_preset --repo DIR --num_machines N --num_processes P -- [FIRST_ARG]` prints PRESET and
+    PRESET_GIVEN instead (cluster_preset, for slurm/train.sh)."""
     import argparse
     import shlex
 
@@ -149,12 +187,23 @@ def plan(argv: list[str]) -> int:
 
     sep = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(prog="python -m scaletune.launch_plan")
-    parser.add_argument("--accelerate_config", required=True)
+    parser.add_argument("--accelerate_config")
     for name in ("repo", "cpu", "num_processes", "mixed_precision", "num_machines", "machine_rank",
                  "main_process_ip", "main_process_port"):
         parser.add_argument(f"--{name}")
+    # slurm/train.sh's PRESET: cluster_preset of its first argument, as PRESET and PRESET_GIVEN (1: shift it).
+    parser.add_argument("--cluster_preset", action="store_true")
     opts = vars(parser.parse_args(argv[:sep]))
     try:
+        if opts["cluster_preset"]:
+            first = argv[sep + 1:sep + 2]
+            preset, rest = cluster_preset(first, os.environ, opts["repo"] or ".",
+                                          whole_number("--num_machines", opts["num_machines"]) or 1,
+                                          whole_number("--num_processes", opts["num_processes"]) or 1)
+            print(f"PRESET={shlex.quote(preset)}\nPRESET_GIVEN={len(first) - len(rest)}")
+            return 0
+        if not opts["accelerate_config"]:
+            parser.error("--accelerate_config is required")
         values = launch_plan(opts, load_config(argv[sep + 1:]).training)
     except LaunchError as e:
         print(f"launch: error: {e}", file=sys.stderr)

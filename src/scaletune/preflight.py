@@ -60,8 +60,11 @@ def run_config(cfg: Config, resumed: Optional[resume.Resume]) -> Config:
     """The config this run trains with: the one given, except that a resume on another process count keeps
     the checkpoint's global batch with the accumulation `resume.preflight` worked out. A new value, so the
     given config is never rewritten; everything built from it (the Accelerator, the DeepSpeed config, the plan,
-    config.yaml, the model card, the trackers) sees the one accumulation that runs."""
-    if resumed is None or resumed.accumulation == cfg.training.gradient_accumulation_steps:
+    config.yaml, the model card, the trackers) sees the one accumulation that runs. A checkpoint whose run
+    searched its batch sizes (auto_find_batch_size) gives them too: no new search."""
+    if resumed is None:
         return cfg
-    training = dataclasses.replace(cfg.training, gradient_accumulation_steps=resumed.accumulation)
-    return dataclasses.replace(cfg, training=training)
+    sizes = {**(resumed.batch_sizes or {}), "gradient_accumulation_steps": resumed.accumulation}
+    if all(getattr(cfg.training, key) == value for key, value in sizes.items()):
+        return cfg
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, **sizes))

@@ -10,6 +10,7 @@ nothing rewrites the training arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 import yaml
 
 from . import checkpoint
+from .batch_search import reused_sizes
 from .distributed.backend import Backend
 from .errors import CheckpointError
 from .lock import acquire_lock
@@ -55,6 +57,8 @@ class Resume:
     """This run's process count."""
     accumulation: int
     """gradient_accumulation_steps on `world_size` that keeps the checkpoint's global batch."""
+    batch_sizes: Optional[dict] = None
+    """The sizes auto_find_batch_size chose for the checkpoint's run, reused without a new search (or None)."""
 
     @property
     def same_world(self) -> bool:
@@ -87,7 +91,12 @@ def preflight(args: TrainingArguments, env: Mapping[str, str] = os.environ) -> O
     config_file = path / checkpoint.CONFIG_FILE
     saved_config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else None
     world = int(env.get("WORLD_SIZE", "1"))
-    return Resume(path, saved, saved_config, world, accumulation_for(path.name, saved, args, world))
+    sizes = reused_sizes(args, saved_config)
+    if sizes is not None:
+        _say(f"auto_find_batch_size: {path.name}'s sizes are reused, no search: "
+             + ", ".join(f"{key} {value}" for key, value in sizes.items()) + ".")
+        args = dataclasses.replace(args, **sizes)  # its accumulation is the one rescaled below
+    return Resume(path, saved, saved_config, world, accumulation_for(path.name, saved, args, world), sizes)
 
 
 def check_writable(root: Path) -> None:

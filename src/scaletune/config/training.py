@@ -63,6 +63,11 @@ class TrainingArguments:
     larger forward passes run faster (the loss and metrics do not depend on it)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer update. Loss is normalised over the whole window (unlike Trainer 5.x)."""
+    auto_find_batch_size: bool = False
+    """Before training, find the largest micro-batch that fits in memory (Trainer's name): on out-of-memory the
+    per-device train batch halves and gradient_accumulation_steps doubles, so the global batch, the schedule and
+    the losses stay the same; the eval batch halves too. Every process takes the same size. The chosen sizes
+    are logged, written to config.yaml and reused on resume without a new search."""
     learning_rate: float = 5e-5
     """Peak AdamW learning rate (> 0)."""
     weight_decay: float = 0.0

@@ -142,6 +142,16 @@ def build_deepspeed_plugin(training, env: Mapping[str, str] = os.environ):
     return plugin
 
 
+def refill_batch(plugin, training, world_size: int) -> None:
+    """auto_find_batch_size chose another micro-batch and accumulation after the plugin was built (the model
+    is needed to search): the plugin's batch values follow, before `prepare` builds the engine from them. The
+    global batch is unchanged, so an explicit train_batch_size still holds."""
+    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=training.per_device_train_batch_size,
+                                   gradient_accumulation_steps=training.gradient_accumulation_steps,
+                                   train_batch_size=training.global_batch_size(world_size))
+    plugin.gradient_accumulation_steps = training.gradient_accumulation_steps
+
+
 def skip_deepspeed_shm_op() -> None:
     """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at init (minutes on 2 cores, once per
     machine). gloo does the collectives as well for the sizes a CPU run sees; mark the op unavailable."""
