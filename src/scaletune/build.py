@@ -20,7 +20,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import data, dropin, eval_sets, lora, mixture, schedule
+from . import data, dropin, eval_sets, lora, mixture, schedule, trial_pruning
 from .batch_search import TEST_OOM_ROWS, find_batch_sizes, install_test_oom_hook
 from .checkpointer import Checkpointer
 from .config import RESOLVED_SECTION, Config, ConfigError
@@ -110,7 +110,7 @@ def build(cfg: Config, user: dropin.UserParts, resume: Optional[Resume]) -> Run:
         mixture_counts.dataloader = loaders.train  # the prepared loader: its samplers are what ran
 
     config_yaml = yaml.safe_dump(config, sort_keys=False)
-    checkpointer = Checkpointer(accelerator, t, model, tokenizer, config_yaml)
+    checkpointer = Checkpointer(accelerator, t, model, tokenizer, config_yaml, user.on_checkpoint_saved)
     meter = ThroughputMeter(model, accelerator)
     train_data = TrainData(loaders.train, accelerator, plan.accumulation, meter) if plan is not None else None
     state = TrainingState(world_size=accelerator.num_processes)
@@ -141,7 +141,7 @@ def build(cfg: Config, user: dropin.UserParts, resume: Optional[Resume]) -> Run:
                           step_loss=build_step_loss(model, loss, t, accelerator.print))
         loop = Loop(args=t, data=train_data, stepper=stepper, evaluator=evaluator if loaders.eval is not None else None,
                     checkpointer=checkpointer, tracker=tracker, meter=meter, watcher=watcher,
-                    mixture=mixture_counts)
+                    mixture=mixture_counts, pruner=trial_pruning.from_env(accelerator))
     return Run(cfg=cfg, accelerator=accelerator, backend=backend, task=task, data=prepared, loaders=loaders,
                model=model, state=state, plan=plan, loop=loop, evaluator=evaluator, checkpointer=checkpointer,
                tracker=tracker, watcher=watcher, resume=resume)

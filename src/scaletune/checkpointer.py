@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from . import checkpoint, lora, model_weights, schedule
 from .disk import remove_folder
@@ -28,11 +28,16 @@ if TYPE_CHECKING:
     from .resume import Resume
 
 
+# Called on every rank, once per checkpoint, when that checkpoint is complete on disk (after a background save's
+# completion): `(folder, state)`. The one use is an engine that must hear of each checkpoint (scaletune.ray).
+OnSaved = Callable[[Path, TrainingState], None]
+
+
 class Checkpointer:
     """Saves, rotates, loads and reloads the best checkpoint of one run. Collective methods: every rank calls."""
 
     def __init__(self, accelerator: Accelerator, args: TrainingArguments, model: torch.nn.Module,
-                 tokenizer: Optional[PreTrainedTokenizerBase], config_yaml: str):
+                 tokenizer: Optional[PreTrainedTokenizerBase], config_yaml: str, on_saved: Optional[OnSaved] = None):
         self.accelerator = accelerator
         self.args = args
         self.root = Path(args.output_dir)
@@ -43,6 +48,7 @@ class Checkpointer:
         self.staging: Optional[HostStaging] = None  # the background writer's host memory, made at its first save
         self.resumed_from: Optional[Path] = None
         self.pending_rotation: tuple[int, Optional[int]] = (0, None)
+        self.on_saved = on_saved
         # DeepSpeed, FSDP and LoRA checkpoints are written by their engines' own (collective) code: synchronous.
         engine_saves = Backend.of(accelerator).engine_saves or lora.is_peft(accelerator.unwrap_model(model))
         if args.save_only_model and engine_saves:
@@ -78,7 +84,7 @@ class Checkpointer:
             self.pending_rotation = (step, state.best_checkpoint_step)
             return
         checkpoint.save_checkpoint(self.accelerator, folder, state, self.model, self.tokenizer, self.config_yaml)
-        self._rotate(step, state.best_checkpoint_step)
+        self._completed(folder, state, step, state.best_checkpoint_step)
 
     def flush(self) -> None:
         """Collective: complete the background save in flight, if any (before the next save, the best-model
@@ -87,7 +93,12 @@ class Checkpointer:
             return
         pending, self.pending = self.pending, None
         pending.finish()
-        self._rotate(*self.pending_rotation)
+        self._completed(pending.folder, pending.state, *self.pending_rotation)  # the state of the saved step
+
+    def _completed(self, folder: Path, state: TrainingState, step: int, best_step: Optional[int]) -> None:
+        if self.on_saved is not None:
+            self.on_saved(folder, state)
+        self._rotate(step, best_step)
 
     def _rotate(self, step: int, best_step: Optional[int]) -> None:
         steps = list(checkpoint.list_checkpoints(self.root))

@@ -55,6 +55,8 @@ class UserParts:
     """As `compute_metrics(predictions, label_ids)` (see metrics_function)."""
     preprocess_logits_for_metrics: Optional[Callable] = None
     compute_loss_func: Optional[Callable] = None
+    on_checkpoint_saved: Optional[Callable] = None
+    """Not Trainer's: `checkpointer.OnSaved`, set by an engine that must hear of each checkpoint (scaletune.ray)."""
 
     @property
     def brings_data(self) -> bool:

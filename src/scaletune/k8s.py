@@ -20,18 +20,9 @@ from typing import Mapping
 
 from .config import load_config
 from .errors import ScaletuneError
-from .launch_plan import LaunchError, whole_number, cluster_preset, visible_gpus
+from .launch_plan import LaunchError, cluster_preset, scaletune_home, visible_gpus, whole_number
 
 PET = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
-
-
-def scaletune_home(env: Mapping[str, str] = os.environ) -> Path:
-    """The checkout with ./launch: $SCALETUNE_HOME, else the one this package is installed from (editable)."""
-    home = Path(env.get("SCALETUNE_HOME") or Path(__file__).resolve().parents[2])
-    if not (home / "launch").is_file():
-        raise LaunchError(f"cannot find the scaletune checkout (no {home / 'launch'}); set SCALETUNE_HOME to it "
-                          f"in the TrainJob's trainer.env.")
-    return home
 
 
 def _resume_latest(train_args: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Mapping, Optional
 
 from .config import ConfigError
@@ -217,3 +218,12 @@ def plan(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(plan(sys.argv[1:]))
+
+
+def scaletune_home(env: Mapping[str, str] = os.environ) -> Path:
+    """The checkout with ./launch: $SCALETUNE_HOME, else the one this package is installed from (editable)."""
+    home = Path(env.get("SCALETUNE_HOME") or Path(__file__).resolve().parents[2])
+    if not (home / "launch").is_file():
+        raise LaunchError(f"cannot find the scaletune checkout (no {home / 'launch'}); set SCALETUNE_HOME to it "
+                          f"(a TrainJob: in its trainer.env).")
+    return home

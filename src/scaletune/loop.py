@@ -24,13 +24,14 @@ from .state import TrainingState
 from .stepper import Stepper, TrainData, Update
 from .throughput import ThroughputMeter
 from .tracking import RunTracker
+from .trial_pruning import Pruner
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from .config import TrainingArguments
 
-StopReason = Literal["max_steps", "early_stopping", "preempted"]
+StopReason = Literal["max_steps", "early_stopping", "preempted", "pruned"]
 
 
 @dataclass
@@ -47,10 +48,12 @@ class Loop:
     watcher: PreemptionWatcher
     mixture: Optional[MixtureCounts] = None
     """train_mixture: the samples trained on from each source, logged with the loss."""
+    pruner: Optional[Pruner] = None
+    """A trial of `python -m scaletune.search`: each evaluation reported to the study, which may stop the run."""
 
 
 def fit(loop: Loop, state: TrainingState, plan: Plan) -> StopReason:
-    """Train until max_steps, early stopping or preemption. Returns why it stopped."""
+    """Train until max_steps, early stopping, pruning (a search trial) or preemption. Returns why it stopped."""
     t = loop.args
     loop.stepper.model.train()  # from_pretrained returns a model in eval mode: dropout off
     loop.tracker.start(plan.max_steps, state.global_step)
@@ -78,17 +81,18 @@ def fit(loop: Loop, state: TrainingState, plan: Plan) -> StopReason:
                                  **seen, **(loop.mixture.metrics(state) if loop.mixture else {}),
                                  "epoch": state.epoch})
 
-        new_best = False
+        new_best = pruned = False
         if actions.evaluate and loop.evaluator is not None:
             metrics = loop.evaluator.evaluate().metrics
             record(loop, state, {**metrics, "epoch": state.epoch})
             new_best = loop.evaluator.track(state, metrics)
             loop.stepper.after_evaluation(metrics)
+            pruned = loop.pruner is not None and loop.pruner.report(state.global_step, metrics)  # collective
 
         stop_early = schedule.should_stop_early(state.patience_counter, t.early_stopping_patience)
         preempted = loop.watcher.should_stop(loop.stepper.accelerator)  # collective: same update on every rank
         outcome = schedule.step_outcome(actions, t, new_best=new_best, stop_early=stop_early,
-                                        epoch_ended=window.epoch_ended, preempted=preempted)
+                                        epoch_ended=window.epoch_ended, preempted=preempted, pruned=pruned)
         state.should_stop = stop_early  # decided before the save, so the checkpoint records it
         if outcome.save or outcome.stop:
             check_finite(loop, state)  # collective read point: no checkpoint, and no end, after an unread one

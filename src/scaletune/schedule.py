@@ -144,18 +144,19 @@ class StepOutcome:
 
 
 def step_outcome(actions: StepActions, args, *, new_best: bool, stop_early: bool, epoch_ended: bool,
-                 preempted: bool) -> StepOutcome:
+                 preempted: bool, pruned: bool = False) -> StepOutcome:
     """Pure: the save and stop decisions of one step, all taken before anything is written.
 
     Ours (§10): a new best is always saved, so the checkpoint reloaded at the end really is the best.
     As Trainer (its on_epoch_end also runs when early stopping ends an epoch early), epoch-mode saving
-    happens at the stopping step. A preemption always checkpoints (§25).
+    happens at the stopping step. A preemption always checkpoints (§25), and so does a pruned search trial (it
+    ends as a finished run, its last state kept).
     """
     save = actions.save or (new_best and args.save_strategy != "no")
     if stop_early and not epoch_ended:
         save = save or args.save_strategy == "epoch"
-    stop = "early_stopping" if stop_early else "preempted" if preempted else None
-    return StepOutcome(save=save or preempted, stop=stop)
+    stop = "early_stopping" if stop_early else "pruned" if pruned else "preempted" if preempted else None
+    return StepOutcome(save=save or preempted or (pruned and args.save_strategy != "no"), stop=stop)
 
 
 def is_better(value: float, best: Optional[float], greater_is_better: bool) -> bool:

@@ -35,7 +35,8 @@ def cpu_allocator_defaults() -> None:
 def run(args: ConfigSource = None, *, model=None, processing_class=None, train_dataset=None, eval_dataset=None,
         test_dataset=None, data_collator: Optional[Callable] = None, compute_metrics: Optional[Callable] = None,
         preprocess_logits_for_metrics: Optional[Callable] = None, compute_loss_func: Optional[Callable] = None,
-        callbacks: Optional[list] = None, overrides: Optional[dict] = None) -> RunResult:
+        callbacks: Optional[list] = None, overrides: Optional[dict] = None,
+        on_checkpoint_saved: Optional[Callable] = None) -> RunResult:
     """Train, evaluate, export and predict. Trainer's keyword names (see dropin.py):
 
     `args`: a config dict, a YAML/JSON path or recipe name, a CLI argument list, a Config, or a
@@ -43,7 +44,8 @@ def run(args: ConfigSource = None, *, model=None, processing_class=None, train_d
     `model` (any PreTrainedModel), `processing_class` (tokenizer), the datasets (`datasets.Dataset`, a torch
     Dataset of dicts, a list of dicts), `data_collator`, `compute_metrics` (Trainer's one-argument form or
     `(predictions, label_ids)`), `preprocess_logits_for_metrics`, `compute_loss_func(outputs, labels,
-    num_items_in_batch)` and `callbacks` (EarlyStoppingCallback).
+    num_items_in_batch)` and `callbacks` (EarlyStoppingCallback). Not Trainer's: `on_checkpoint_saved(folder,
+    state)`, called on every rank once each checkpoint is complete (checkpointer.OnSaved; scaletune.ray).
     """
     cpu_allocator_defaults()
     from . import dropin
@@ -53,7 +55,7 @@ def run(args: ConfigSource = None, *, model=None, processing_class=None, train_d
                             eval_dataset=eval_dataset, test_dataset=test_dataset, data_collator=data_collator,
                             compute_metrics=dropin.metrics_function(compute_metrics),
                             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                            compute_loss_func=compute_loss_func)
+                            compute_loss_func=compute_loss_func, on_checkpoint_saved=on_checkpoint_saved)
     if type(args).__name__ == "TrainingArguments" or hasattr(args, "to_sanitized_dict"):
         args = dropin.config_from_training_arguments(args)
     if args is None and (user.brings_data or model is not None):
