@@ -32,8 +32,7 @@ from .config.sources import coerce, load_file, parse_cli, recipe_path, resolve_r
 from .config.training import lower_is_better
 from .disk import write_text_atomically
 from .errors import ScaletuneError
-from .launch_plan import scaletune_home
-from .launch_plan import cluster_preset, visible_gpus, whole_number
+from .launch_plan import cluster_preset, scaletune_home, visible_gpus, whole_number
 from .metric_names import best_metric, metric_key
 from .search_report import write_report
 from .search_space import check_params, distributions, read_space
