@@ -76,6 +76,13 @@ def pytest_configure(config):
         pass
     else:
         patches.append((scaletune.train, "run", "a training run"))
+        # What a run without DeepSpeed does (distributed/deepspeed.py), for the tests' own save_pretrained calls
+        # (support/tiny.py): accelerate's unwrap_model would import DeepSpeed, which imports mlflow when it is
+        # installed (the test extra has it), which runs `uname -p` -- a subprocess in a not-slow test. Each run made in
+        # this process sets the check for itself when it builds its Accelerator.
+        from scaletune.distributed.deepspeed import deepspeed_unwrapping
+
+        deepspeed_unwrapping(False)
     for owner, name, what in patches:
         setattr(owner, name, GUARD.guarding(what, getattr(owner, name)))
     config.pluginmanager.register(FixtureStack(), "scaletune-launch-guard-fixtures")

@@ -23,7 +23,7 @@ from .base import PreparedData
 from .classification import ClassificationTask
 from .labels import (check_no_label_smoothing, is_list_feature, is_missing, is_string_feature, label_source,
                      labelled_splits, row_names)
-from .outputs import atomic_csv, label_names
+from .outputs import atomic_csv, label_names, precision_recall_f1
 
 DEFAULT_DELIMITER = "|"
 """Joins a predicted label set in the predictions file when no label_delimiter is configured."""
@@ -239,13 +239,14 @@ def multilabel_metrics(logits: np.ndarray, label_ids: np.ndarray, threshold: flo
 
 
 def set_scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
-    """The multi-label metrics of boolean prediction and truth matrices (rows x label slots)."""
-    from sklearn.metrics import precision_recall_fscore_support
-
+    """The multi-label metrics of boolean prediction and truth matrices (rows x label slots): sklearn's
+    precision_recall_fscore_support(average="micro"/"macro", zero_division=0), to the bit."""
+    tp, guessed, true = (predicted & truth).sum(axis=0), predicted.sum(axis=0), truth.sum(axis=0)
     out = {}
-    for average in ("micro", "macro"):
-        p, r, f1, _ = precision_recall_fscore_support(truth, predicted, average=average, zero_division=0)
-        out.update({f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f1)})
+    for average, counts in (("micro", (tp.sum(keepdims=True), guessed.sum(keepdims=True), true.sum(keepdims=True))),
+                            ("macro", (tp, guessed, true))):
+        p, r, f1 = precision_recall_f1(*counts)
+        out.update({f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f1})
     out["exact_match"] = float((predicted == truth).all(axis=1).mean())
     return out
 
