@@ -110,6 +110,7 @@ def adjust_for_cpu_only(ds_config: dict) -> dict:
 
 def build_deepspeed_plugin(training, env: Mapping[str, str] = os.environ):
     """The DeepSpeed plugin accelerate would build from the launcher's environment, with "auto" filled."""
+    import_deepspeed(with_mlflow="mlflow" in training.report_to)
     from accelerate.utils import DeepSpeedPlugin
 
     if cpu_requested(env):
@@ -150,6 +151,22 @@ def refill_batch(plugin, training, world_size: int) -> None:
                                    gradient_accumulation_steps=training.gradient_accumulation_steps,
                                    train_batch_size=training.global_batch_size(world_size))
     plugin.gradient_accumulation_steps = training.gradient_accumulation_steps
+
+
+def import_deepspeed(with_mlflow: bool) -> None:
+    """Import DeepSpeed, without mlflow unless the run logs to it. DeepSpeed imports mlflow whenever it is
+    installed, for its autotuner (which a run never uses): 1.4 s of CPU per process, and mlflow's telemetry
+    runs `uname -p` in a subprocess. mlflow is hidden for the one import, then importable again."""
+    import sys
+
+    if "deepspeed" in sys.modules or with_mlflow or "mlflow" in sys.modules:
+        import deepspeed  # noqa: F401
+        return
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's autotuner goes without
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        del sys.modules["mlflow"]
 
 
 def skip_deepspeed_shm_op() -> None:
