@@ -159,14 +159,14 @@ def import_deepspeed(with_mlflow: bool) -> None:
     runs `uname -p` in a subprocess. mlflow is hidden for the one import, then importable again."""
     import sys
 
-    if "deepspeed" in sys.modules or with_mlflow or "mlflow" in sys.modules:
-        import deepspeed  # noqa: F401
-        return
-    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's autotuner goes without
+    hide = not with_mlflow and "mlflow" not in sys.modules and "deepspeed" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's autotuner goes without
     try:
         import deepspeed  # noqa: F401
     finally:
-        del sys.modules["mlflow"]
+        if hide:
+            del sys.modules["mlflow"]
 
 
 def skip_deepspeed_shm_op() -> None:
