@@ -157,13 +157,14 @@ def import_deepspeed(with_mlflow: bool) -> None:
     """Import DeepSpeed, without mlflow unless the run logs to it. DeepSpeed imports mlflow whenever it is
     installed, for its autotuner (which a run never uses): 1.4 s of CPU per process, and mlflow's telemetry
     runs `uname -p` in a subprocess. mlflow is hidden for the one import, then importable again."""
+    import importlib
     import sys
 
     hide = not with_mlflow and "mlflow" not in sys.modules and "deepspeed" not in sys.modules
     if hide:
         sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: DeepSpeed's autotuner goes without
     try:
-        import deepspeed  # noqa: F401
+        importlib.import_module("deepspeed")
     finally:
         if hide:
             del sys.modules["mlflow"]
