@@ -281,3 +281,13 @@ def test_tracker_writes_jsonl_wandb_tensorboard_and_resumes_the_same_run(tmp_pat
     fresh = tr.RunTracker(make_cfg(tmp_path, disable_tqdm=True), accelerator)  # no checkpoint: starts over
     fresh.log({"loss": 3.0}, 1)
     assert tr.read_jsonl(tmp_path / "out" / "metrics.jsonl") == [{"step": 1, "loss": 3.0}]
+
+
+def test_plot_curves_false_draws_nothing_and_the_summary_says_no_curves(tmp_path, accelerator, capsys):
+    tracker = tr.RunTracker(make_cfg(tmp_path, disable_tqdm=True, plot_curves=False), accelerator)
+    tracker.log({"loss": 1.5}, 1)
+    tracker.finish({"global_step": 1})
+    summary = capsys.readouterr().out
+    assert not (tmp_path / "out" / "curves.png").exists()
+    labels = [line.split()[0] for line in summary.splitlines() if line.startswith("  ") and line.split()]
+    assert "metrics" in labels and "curves" not in labels, summary

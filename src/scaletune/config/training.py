@@ -165,6 +165,9 @@ class TrainingArguments:
     at the end of a finished run (W&B and TensorBoard get none)."""
     disable_tqdm: bool = False
     """No progress bar."""
+    plot_curves: bool = True
+    """Draw output_dir/curves.png (loss, learning rate, grad norm, evaluations) from metrics.jsonl at the end.
+    `false` skips it and matplotlib (about 1 s of CPU a run: a sweep's many short trials, a test suite's runs)."""
     dataloader_num_workers: Optional[int] = None
     """Worker processes per dataloader (0: load in the training process). Unset: on a GPU, the CPUs this process
     may use (its affinity: Slurm's allocation) divided by the processes on its node, less one, at most 4; 0 on

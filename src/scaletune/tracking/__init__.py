@@ -216,11 +216,13 @@ class RunTracker:
             self._bar.close()
             self._bar = None
         summary = redact_values({k: to_python(v) for k, v in summary.items()}, self._secrets)
-        try:
-            plot_curves(read_jsonl(self.jsonl_path), self.curves_path, title=self.run_name)
-            curves = str(self.curves_path)
-        except Exception as e:  # a plot must never cost the run its summary and tracker close
-            curves = f"(not written: {type(e).__name__}: {e})"
+        curves = None
+        if self.cfg.training.plot_curves:
+            try:
+                plot_curves(read_jsonl(self.jsonl_path), self.curves_path, title=self.run_name)
+                curves = str(self.curves_path)
+            except Exception as e:  # a plot must never cost the run its summary and tracker close
+                curves = f"(not written: {type(e).__name__}: {e})"
         # Only what exists: a run that never reached a logging step has written no metrics.jsonl.
         written = {"metrics log": str(self.jsonl_path) if self.jsonl_path.exists() else None, "curves": curves,
                    "tensorboard": self.tensorboard_dir}
