@@ -12,6 +12,9 @@ transformers.Trainer; cluster/ a real Slurm (tests/gpu marks its own tests slow)
 The suite runs on two pytest-xdist workers, a file at a time (`-n 2 --dist loadfile`, README): what tests share
 outside their tmp_path (the Slurm cluster of cluster/test_slurm.py, which edits /etc/hosts; the benchmarks'
 tiny models, cached under fixed names in the temp dir) is shared within one file only.
+A run made in this process with a dict config draws no curves.png unless its config says `plot_curves`
+(`_without_curves`): the plot is ~0.5 s of matplotlib a run and only tests/e2e/test_tracking_runs.py and
+tests/unit/test_tracking_units.py look at it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def pytest_configure(config):
     except Exception:  # a src/ being edited fails the tests that import it, not the whole session
         pass
     else:
+        scaletune.train.run = _without_curves(scaletune.train.run)
         patches.append((scaletune.train, "run", "a training run"))
         # What a run without DeepSpeed does (distributed/deepspeed.py), for the tests' own save_pretrained calls
         # (support/tiny.py): accelerate's unwrap_model would import DeepSpeed, which imports mlflow when it is
@@ -86,6 +90,16 @@ def pytest_configure(config):
     for owner, name, what in patches:
         setattr(owner, name, GUARD.guarding(what, getattr(owner, name)))
     config.pluginmanager.register(FixtureStack(), "scaletune-launch-guard-fixtures")
+
+
+def _without_curves(run):
+    @functools.wraps(run)
+    def run_without_curves(args=None, **kwargs):
+        if isinstance(args, dict) and "plot_curves" not in args:
+            args = {**args, "plot_curves": False}
+        return run(args, **kwargs)
+
+    return run_without_curves
 
 
 class FixtureStack:

@@ -36,7 +36,8 @@ def test_single_process_run_logs_the_same_to_wandb_tensorboard_and_jsonl(tiny_be
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     out = tmp_path / "out"
     result = run(_train_args(tiny_bert, sentiment_files, out, max_steps=8, report_to="wandb,tensorboard",
-                             run_name="e2e", wandb_project="st-e2e", metric_for_best_model="accuracy"))
+                             run_name="e2e", wandb_project="st-e2e", metric_for_best_model="accuracy",
+                             plot_curves=True))
 
     records = tr.read_jsonl(out / "metrics.jsonl")
     train_recs = [r for r in records if "loss" in r]
