@@ -68,7 +68,10 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, check:
 def accelerate_launch(num_processes: int, args: list[str], config_file: str | None = None,
                       script: str | None = None, **kw):
     """`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m scaletune.train ...` (gloo DDP);
-    with `script`, that Python file instead of `-m scaletune.train`."""
+    with `script`, that Python file instead of `-m scaletune.train`. A scaletune.train run draws no curves.png
+    unless its arguments say `--plot_curves` (as the in-process runs: tests/conftest.py)."""
+    if not script:
+        args = without_curves(args)
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", config_file]
@@ -79,6 +82,11 @@ def accelerate_launch(num_processes: int, args: list[str], config_file: str | No
             *([script] if script else ["-m", "scaletune.train"]), *args]
     env = {"ACCELERATE_USE_CPU": "true", **kw.pop("env", {})}
     return run_cli(cmd, env=env, **kw)
+
+
+def without_curves(args: list[str]) -> list[str]:
+    """A scaletune.train command line with `--plot_curves false` unless it sets plot_curves itself."""
+    return args if any(str(a).startswith("--plot_curves") for a in args) else [*args, "--plot_curves", "false"]
 
 
 def free_port() -> int:
