@@ -12,9 +12,9 @@ transformers.Trainer; cluster/ a real Slurm (tests/gpu marks its own tests slow)
 The suite runs on two pytest-xdist workers, a file at a time (`-n 2 --dist loadfile`, README): what tests share
 outside their tmp_path (the Slurm cluster of cluster/test_slurm.py, which edits /etc/hosts; the benchmarks'
 tiny models, cached under fixed names in the temp dir) is shared within one file only.
-A run made in this process with a dict config draws no curves.png unless its config says `plot_curves`
-(`_without_curves`): the plot is ~0.5 s of matplotlib a run and only tests/e2e/test_tracking_runs.py and
-tests/unit/test_tracking_units.py look at it.
+A run made in this process with a dict or argument-list config draws no curves.png unless its config says
+`plot_curves` (`_without_curves`): the plot is ~0.5 s of matplotlib a run, and only tests/e2e/test_tracking_runs.py
+and tests/unit/test_tracking_units.py look at it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from support.tiny import make_tiny_bert, write_sentiment_csv
+from support.tiny import make_tiny_bert, without_curves, write_sentiment_csv
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +97,8 @@ def _without_curves(run):
     def run_without_curves(args=None, **kwargs):
         if isinstance(args, dict) and "plot_curves" not in args:
             args = {**args, "plot_curves": False}
+        elif isinstance(args, list):
+            args = without_curves(args)
         return run(args, **kwargs)
 
     return run_without_curves
