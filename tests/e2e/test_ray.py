@@ -1,7 +1,9 @@
-"""`python -m scaletune.ray` on a local Ray (this machine's CPUs, 2 workers, gloo): the run trains and evaluates
-as a 2-process `accelerate launch` of the same config, and a worker killed after a reported checkpoint is
-restarted by Ray from that checkpoint and finishes as the uninterrupted run. Argument handling (one-line errors)
-is in tests/unit/test_ray_entry.py.
+"""`python -m scaletune.ray` on a local Ray (this machine's CPUs, 2 workers, gloo), against a 2-process
+`accelerate launch` of the same config: one Ray run, one of whose workers is killed after the first checkpoint
+Ray registered, is restarted by Ray once from its copy of the last reported checkpoint and ends as the launched run
+(metrics, per-step losses, export, predictions), with exactly the steps' checkpoints registered, each complete.
+(An uninterrupted Ray run checks nothing this one does not: it trains the same steps, reports the same way.)
+Argument handling (one-line errors) is in tests/unit/test_ray_entry.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ pytest.importorskip("ray.train.torch")
 pytestmark = pytest.mark.slow  # every test here launches processes
 
 STEPS = 16
+RESUMED = "scaletune.ray: resuming from Ray's last reported checkpoint "
 
 
 def job(tiny_bert, sentiment_files, out: Path) -> list[str]:
@@ -41,6 +44,7 @@ def ray_env() -> dict:
 
 
 def results(out: Path) -> tuple[dict, dict]:
+    # A step logged before the kill and again after the restart: the last record is the resumed run's.
     losses = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
     return json.loads((out / "all_results.json").read_text()), losses
 
@@ -63,29 +67,16 @@ def launched(tiny_bert, sentiment_files, tmp_path_factory) -> tuple[dict, dict]:
     return results(out)
 
 
-def test_ray_trains_as_accelerate_launch(tiny_bert, sentiment_files, launched, tmp_path):
-    out = tmp_path / "out"
-    proc = run(ray_cmd(*job(tiny_bert, sentiment_files, out)), timeout=300, env=ray_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same(results(out), launched)
-    assert (out / "model.safetensors").is_file() and (out / "predictions.csv").is_file()
-    # Every checkpoint scaletune wrote, reported once: Ray's copies are the steps' checkpoints.
-    reported = [json.loads((p / "trainer_state.json").read_text())["global_step"] for p in ray_checkpoints(out)]
-    assert sorted(reported) == list(range(4, STEPS + 1, 4))
-
-
-def ray_checkpoints(out: Path) -> list[Path]:
-    return [p for p in (out / "ray").rglob("checkpoint_*") if p.is_dir()]
-
-
-def reported_steps(out: Path) -> list[int]:
-    """The steps of the checkpoints Ray has registered (its snapshot, written once a report is complete)."""
+def registered(out: Path) -> dict[Path, int]:
+    """{folder: step} of the checkpoints Ray has registered, in report order (its snapshot, written once a
+    report is complete; a folder Ray copied for a report that never completed is not in it)."""
     snapshots = list((out / "ray").glob("*/checkpoint_manager_snapshot.json"))
     try:
         snapshot = json.loads(snapshots[0].read_text()) if snapshots else {}
     except ValueError:  # being written
-        return []
-    return [r["metrics"]["step"] for r in snapshot.get("checkpoint_results", [])]
+        return {}
+    return {snapshots[0].parent / r["checkpoint_dir_name"]: r["metrics"]["step"]
+            for r in snapshot.get("checkpoint_results", [])}
 
 
 def ray_workers(root_pid: int) -> list[int]:
@@ -109,13 +100,15 @@ def ray_workers(root_pid: int) -> list[int]:
     return sorted(pid for pid, cmd in names.items() if b"RayTrainWorker" in cmd and under(pid))
 
 
-def test_a_killed_worker_is_restarted_from_the_last_reported_checkpoint(tiny_bert, sentiment_files, launched,
-                                                                         tmp_path):
+def test_a_ray_run_with_a_killed_worker_resumes_from_rays_checkpoint_and_ends_as_accelerate_launch(
+        tiny_bert, sentiment_files, launched, tmp_path):
+    from scaletune.checkpoint import read_trainer_state, verify
+
     out = tmp_path / "out"
     proc = start(ray_cmd("--max_failures", "1", *job(tiny_bert, sentiment_files, out)), tmp_path, "ray",
                  env=ray_env())
     try:
-        wait_for(lambda: reported_steps(out), proc, 240, "a checkpoint registered by Ray")
+        wait_for(lambda: registered(out), proc, 240, "a checkpoint registered by Ray")
         workers = ray_workers(proc.pid)
         assert len(workers) == 2 and not (out / "all_results.json").exists(), workers  # mid-run
         os.kill(workers[-1], signal.SIGKILL)
@@ -125,7 +118,17 @@ def test_a_killed_worker_is_restarted_from_the_last_reported_checkpoint(tiny_ber
             proc.kill()
     _, stderr = logs(proc)
     assert proc.returncode == 0, stderr[-3000:]
-    resumed = [line for line in stderr.splitlines() if "resuming from Ray's last reported checkpoint" in line]
-    # One restart (Ray's log monitor may echo a worker's line twice: the same line).
-    assert len(set(resumed)) == 1 and str(out / "ray") in resumed[0], stderr[-3000:]
+
     assert_same(results(out), launched)
+    assert (out / "model.safetensors").is_file() and (out / "predictions.csv").is_file()
+
+    # One restart (Ray's log monitor may echo a worker's line twice: the same line), from a folder Ray registered.
+    resumed = {line.split(RESUMED, 1)[1].rstrip(".") for line in stderr.splitlines() if RESUMED in line}
+    checkpoints = registered(out)
+    assert len(resumed) == 1 and Path(resumed.pop()) in checkpoints, stderr[-3000:]
+    # The first attempt reported up to the restart point, the restarted one from the next save on: every save
+    # step exactly once, in order (a step reported twice would be a restart from an older checkpoint than the
+    # last reported). Each registered folder is that step's complete checkpoint.
+    assert list(checkpoints.values()) == list(range(4, STEPS + 1, 4)), checkpoints
+    for folder, step in checkpoints.items():
+        assert verify(folder) is None and read_trainer_state(folder).global_step == step, folder
