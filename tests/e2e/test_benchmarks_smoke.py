@@ -1,8 +1,16 @@
 """Every benchmark script runs end to end at its tiny size and prints its ratio lines (the figures themselves
-mean nothing at that size: benchmarks/RESULTS.md holds the measured ones)."""
+mean nothing at that size: benchmarks/RESULTS.md holds the measured ones).
+
+A script whose `--tiny` run trains its sides in its own process runs its `main()` in the pytest process, which
+has torch and transformers imported already: a fresh process would spend most of the smoke run importing them
+(~6 s of CPU) to train for one. The processes a script starts itself (the lockstep sides, startup.py's cases)
+are still real processes."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import re
 import sys
 
@@ -13,37 +21,57 @@ from support.tiny import REPO, run_cli
 BENCH = REPO / "benchmarks"
 NUMBER = r"[0-9]+\.[0-9]+"
 
+# name: (the script's arguments, the lines it must print, whether its main() runs in the pytest process)
 SCRIPTS = {
-    "step_time_vs_trainer": ([sys.executable, str(BENCH / "step_time_vs_trainer.py"), "--tiny"],
-                             [rf"ratio scaletune/trainer: {NUMBER}", rf"ratio scaletune/bare: {NUMBER}",
-                              "same batches on every side: True"]),
+    "step_time_vs_trainer": (["--tiny"], [rf"ratio scaletune/trainer: {NUMBER}", rf"ratio scaletune/bare: {NUMBER}",
+                                          "same batches on every side: True"], True),
     # All three sides at once, taking turns update by update (common.lockstep): each in its own process.
     "step_time_vs_trainer --lockstep": (
-        [sys.executable, str(BENCH / "step_time_vs_trainer.py"), "--tiny", "--lockstep"],
+        ["--tiny", "--lockstep"],
         [rf"per-update ratios scaletune/trainer \(the same batch, seconds apart\): median {NUMBER}",
          rf"per-update ratios scaletune/bare \(the same batch, seconds apart\): median {NUMBER}",
-         "same batches on every side: True"]),
-    "group_by_length": ([sys.executable, str(BENCH / "group_by_length.py"), "--tiny"],
-                        [rf"ratio group_by_length/random samples/s: {NUMBER}",
-                         rf"eval accuracy difference group_by_length - random: [+-]{NUMBER}"]),
-    "mlm_sparse_logits": ([sys.executable, str(BENCH / "mlm_sparse_logits.py"), "--tiny"],
-                          [rf"ratio sparse/full ms/update: {NUMBER}",
-                           r"largest relative difference of the per-step train loss: [0-9.e+-]+"]),
+         "same batches on every side: True"], True),
+    "group_by_length": (["--tiny"], [rf"ratio group_by_length/random samples/s: {NUMBER}",
+                                     rf"eval accuracy difference group_by_length - random: [+-]{NUMBER}"], True),
+    "mlm_sparse_logits": (["--tiny"], [rf"ratio sparse/full ms/update: {NUMBER}",
+                                       r"largest relative difference of the per-step train loss: [0-9.e+-]+"], True),
     # checkpoint_stall.py, gpu_suite.py and padding_free.py (which gpu_suite.py runs) run with --tiny and print
     # their ratios in test_gpu_check_runs_its_parts_into_one_markdown_file: scripts/gpu_check.sh runs them, and
     # running them here again would cost a minute and check nothing more.
-    "startup": ([sys.executable, str(BENCH / "startup.py"), "--tiny"],
-                [rf"typo: {NUMBER} s wall-clock", rf"bad_file: {NUMBER} s wall-clock"]),
+    # startup.py times fresh interpreters and imports no torch itself: a process of its own costs nothing.
+    "startup": (["--tiny"], [rf"typo: {NUMBER} s wall-clock", rf"bad_file: {NUMBER} s wall-clock"], False),
 }
+
+
+def main_in_process(script, args: list[str]) -> str:
+    """`python SCRIPT ARGS` made by this process (the script's main() under its argv); what it printed."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    printed, argv = io.StringIO(), sys.argv
+    sys.argv = [str(script), *args]
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = module.main()
+    finally:
+        sys.argv = argv
+    assert code in (None, 0), f"{script.name} {' '.join(args)} returned {code}:\n{printed.getvalue()[-3000:]}"
+    return printed.getvalue()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_benchmark_runs_at_tiny_size_and_prints_its_ratios(name, tmp_path):
-    cmd, expected = SCRIPTS[name]
-    proc = run_cli(cmd, env={"PYTHON": sys.executable}, timeout=300, cwd=tmp_path)
+def test_benchmark_runs_at_tiny_size_and_prints_its_ratios(name, tmp_path, monkeypatch):
+    args, expected, in_process = SCRIPTS[name]
+    script = BENCH / f"{name.split()[0]}.py"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHON", sys.executable)
+    if in_process:
+        stdout = main_in_process(script, args)
+    else:
+        stdout = run_cli([sys.executable, str(script), *args], timeout=300).stdout
     for pattern in expected:
-        assert re.search(pattern, proc.stdout), f"{pattern!r} not in the output of {name}:\n{proc.stdout[-3000:]}"
+        assert re.search(pattern, stdout), f"{pattern!r} not in the output of {name}:\n{stdout[-3000:]}"
 
 
 def table_rows(markdown: str) -> list[dict]:

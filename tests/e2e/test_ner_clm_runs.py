@@ -1,7 +1,8 @@
 """Token classification and causal LM end to end: the real pretrained MiniLM on real tweets and the real SmolLM2 on
 real reviews where the test is about learning; tiny models where it is about mechanics -- 2-process DDP
 evaluation against a 1-process evaluation of the export, exact mid-epoch resume, DeepSpeed ZeRO-2 on 2 CPU
-processes.
+processes. Every 2-process launch costs ~15 s of CPU before it trains, so each (task, backend) runs once and its
+test checks all it can show.
 
 Parity with transformers.Trainer is in tests/parity/test_parity_tasks.py; `scaletune.predict` against the in-run
 test pass in tests/e2e/test_predict_all_tasks.py; data rules and losses by hand in tests/unit/test_tasks_ner_clm.py.
@@ -159,20 +160,6 @@ def test_ner_two_process_ddp_eval_equals_one_process(work):
     assert predicted == words and all(t in {"B-LOC", "B-PER", "I-LOC", "I-PER", "O"} for s in tags for t in s)
 
 
-def test_clm_from_scratch_two_process_ddp_eval_equals_one_process(work):
-    """From scratch (`model_name_or_path: none`, the tiny Llama's config and tokenizer) under real DDP: perplexity
-    and accuracy equal a 1-process evaluation of the export; the exported model writes samples."""
-    out = work["root"] / "clm_ddp"
-    accelerate_launch(2, clm_args(work, out, scratch=True))
-    ddp = results(out)
-    one = evaluate_export(out, work["text"], work["root"] / "clm_one", task="clm", block_size=32, sample_prompts=0)
-    for k in ("eval_loss", "eval_perplexity", "eval_accuracy", "test_loss", "test_perplexity"):
-        assert one[k] == pytest.approx(ddp[k], rel=1e-5), k
-    first = [e for e in history(out) if "eval_loss" in e][0]["eval_loss"]
-    assert ddp["eval_loss"] < first < math.log(30522) + 0.5  # random init starts near uniform and learns
-    assert (out / "samples.txt").read_text().count("prompt: ") == 2
-
-
 @pytest.mark.parametrize("task", ["token_classification", "clm"])
 def test_resume_mid_epoch_equals_uninterrupted(work, task):
     """Resumed from the step-3 checkpoint (mid-epoch) into a new folder: steps 4-7 lose exactly what the
@@ -194,16 +181,26 @@ def test_resume_mid_epoch_equals_uninterrupted(work, task):
 
 @pytest.mark.parametrize("task", ["token_classification", "clm"])
 def test_deepspeed_zero2_on_two_cpu_processes_trains_and_exports(work, task):
+    """Both tasks train on 2 processes and export the trained model. The causal LM starts from scratch
+    (`model_name_or_path: none`, the tiny Llama's config and tokenizer): its 2-process perplexity and accuracy (test
+    split too) equal a 1-process evaluation of the export, and the exported model writes samples. (The causal LM
+    under plain DDP: test_padding_free_trains_exactly_like_padded_batches.)"""
     out = work["root"] / f"{task}_zero2"
-    args = (ner_args if task == "token_classification" else clm_args)(work, out)
+    args = ner_args(work, out) if task == "token_classification" else clm_args(work, out, scratch=True)
     run_cli([str(REPO / "launch"), "deepspeed_zero2", "--cpu", "2", *args],
             env={"OMP_NUM_THREADS": "1", "PYTHON": __import__("sys").executable}, cwd=work["root"], timeout=600)
     losses = train_losses(history(out))
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     files = work["ner"] if task == "token_classification" else work["text"]
     extra = {"max_seq_length": 48} if task == "token_classification" else {"block_size": 32, "sample_prompts": 0}
-    one = evaluate_export(out, files, work["root"] / f"{task}_zero2_one", task=task, **extra)
-    assert one["eval_loss"] == pytest.approx(results(out)["eval_loss"], rel=1e-5)  # the export is the trained model
+    one, two = evaluate_export(out, files, work["root"] / f"{task}_zero2_one", task=task, **extra), results(out)
+    assert one["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-5)  # the export is the trained model
+    if task == "clm":
+        for k in ("eval_perplexity", "eval_accuracy", "test_loss", "test_perplexity"):
+            assert one[k] == pytest.approx(two[k], rel=1e-5), k
+        first = [e for e in history(out) if "eval_loss" in e][0]["eval_loss"]
+        assert two["eval_loss"] < first < math.log(30522) + 0.5  # random init starts near uniform and learns
+        assert (out / "samples.txt").read_text().count("prompt: ") == 2
 
 
 def test_conll_suffix_trains(work, tmp_path):
@@ -231,12 +228,17 @@ def tokens_per_example(log: list) -> list:
     return [e["tokens_per_second"] / e["samples_per_second"] for e in log if "samples_per_second" in e]
 
 
-def test_padding_free_trains_exactly_like_padded_batches(work):
+@pytest.fixture(scope="module")
+def padded(work):
+    """The reference of the padding-free runs: one process, 8 padded examples per update."""
+    return run(padding_free_args(work, work["root"] / "clm_padded", 8, False))
+
+
+def test_padding_free_trains_exactly_like_padded_batches(work, padded):
     """`line_by_line` reviews of different lengths, 8 per update: flattened into one row (position ids restarting,
     no padding) they give the padded run's per-step loss and gradient norm and the same model after 4 updates,
     in one process and split over 2 DDP processes (4 each: the loss is still normalised over all ranks' tokens).
     The throughput counts the same examples and real tokens (a row is 8 examples, not 1)."""
-    padded = run(padding_free_args(work, work["root"] / "clm_padded", 8, False))
     flat = run(padding_free_args(work, work["root"] / "clm_flat", 8, True))
     accelerate_launch(2, padding_free_args(work, work["root"] / "clm_flat_ddp", 4, True))
     flat_ddp = history(work["root"] / "clm_flat_ddp")
@@ -255,12 +257,11 @@ def test_padding_free_trains_exactly_like_padded_batches(work):
     assert tokens_per_example(flat_ddp) == pytest.approx(want, rel=1e-9)
 
 
-def test_padding_free_under_zero3_trains_like_padded_batches(work):
+def test_padding_free_under_zero3_trains_like_padded_batches(work, padded):
     """ZeRO-3 loads the weights into shards (zero3_init_flag), so the packing check runs on a one-layer copy of the
     architecture; the 2-process run (4 examples each, flattened) then matches the one-process padded run step by
     step."""
-    padded_out, zero3_out = work["root"] / "clm_padded_ref", work["root"] / "clm_flat_zero3"
-    padded = run(padding_free_args(work, padded_out, 8, False))
+    zero3_out = work["root"] / "clm_flat_zero3"
     run_cli([str(REPO / "launch"), "deepspeed_zero3", "--cpu", "2", *padding_free_args(work, zero3_out, 4, True)],
             env={"OMP_NUM_THREADS": "1", "PYTHON": __import__("sys").executable}, cwd=work["root"], timeout=600)
     want, got = step_values(padded.log_history, "loss"), step_values(history(zero3_out), "loss")
