@@ -1,14 +1,17 @@
 """Scale out: every accelerate config in accelerate_configs/, DeepSpeed "auto" filling, ZeRO-3 export, precision.
 
 The end-to-end tests launch the real thing on CPU through `./launch PRESET --cpu N` (gloo; real DeepSpeed
-ZeRO-1/2/3 engines), a tiny BERT without dropout, for a few steps with evaluation, saves and a resume. One run
-per preset is shared by every assertion about it.
+ZeRO-1/2/3 engines, real FSDP2 `fully_shard`), a tiny BERT without dropout, for a few steps with evaluation,
+saves and a resume. One run per preset is shared by every assertion about it: process start-up is most of a
+launch's cost, so a check rides on a run made here whenever that run can serve it unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,17 +19,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scaletune.checkpoint import verify
 from scaletune.config import ConfigError, TrainingArguments
 from scaletune.distributed import adjust_for_cpu_only, effective_mixed_precision, fill_deepspeed_config
-from support.tiny import REPO, make_tiny_bert, run_cli
+from support.tiny import REPO, evaluate_classifier, run_cli, write_sentiment_csv
 
 CONFIG_DIR = REPO / "accelerate_configs"
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-# Launched here: every preset but fsdp2, whose run, resume and equality with DDP tests/e2e/test_fsdp2.py checks
-# on its own runs (its offload variant is launched here), and the multi-node ones: tests/cluster/test_slurm.py
-# runs multi_node on two real Slurm nodes (rendezvous, training, the one-node run's weights and metrics); FSDP2
-# on two processes is fsdp2's run. Their launch commands are checked with every preset's below.
-LAUNCHED = [p for p in PRESETS if p != "fsdp2" and not p.endswith("multi_node")]
+# Launched here: every preset but the multi-node ones: tests/cluster/test_slurm.py runs multi_node on two real
+# Slurm nodes (rendezvous, training, the one-node run's weights and metrics); FSDP2 on two processes is fsdp2's
+# run. Their launch commands are checked with every preset's below.
+LAUNCHED = [p for p in PRESETS if not p.endswith("multi_node")]
+# Resumed on the same process count: every launched preset but fsdp2_offload, whose resume would be fsdp2's
+# (the same FSDP2 state-dict load; on CPU the offloaded shards already live where the parameters do).
+RESUMED = [p for p in LAUNCHED if p != "fsdp2_offload"]
+# 2 per device x 2 accumulation x 2 processes: FSDP2's accumulation without gradient sync against DDP's. One
+# process accumulates 2 x 4: its checkpoint resumes on 2 processes with accumulation 1 (and the 2-process DDP
+# one on 1 process with accumulation 4).
+ACCUMULATION = {"single_gpu": 2, "multi_gpu": 2, "fsdp2": 2}
 LAUNCH = str(REPO / "launch")
 GLOBAL_BATCH = 8
 
@@ -154,26 +164,28 @@ def test_all_the_expected_presets_exist():
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, sentiment_files):
-    """A tiny BERT without dropout: one process and two must compute the very same thing."""
+def work(tmp_path_factory, tiny_bert_no_dropout, sentiment_files):
+    """A tiny BERT without dropout: one process and two must compute the very same thing. 24 training rows are
+    3 updates of 8 an epoch: checkpoint-2 is mid-epoch, and the resumed steps 3 and 4 cross into the second
+    epoch, whose order must not depend on the process count either. Whole batches only: accelerate pads a short
+    last batch on N > 1 processes with samples from the epoch's start, so N processes would see other samples."""
     root = tmp_path_factory.mktemp("scale_out")
-    model = make_tiny_bert(root / "tiny_bert_nodrop")
-    config = json.loads((model / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (model / "config.json").write_text(json.dumps(config))
-    return {"root": root, "model": str(model), **sentiment_files}
+    train = write_sentiment_csv(root / "train.csv", 24, seed=1)
+    return {"root": root, "model": tiny_bert_no_dropout, **sentiment_files, "train_file": str(train)}
 
 
-def _train_args(work, processes: int, output_dir: Path) -> list[str]:
+def _train_args(work, processes: int, output_dir: Path, accumulation: int = 1) -> list[str]:
     return [
         "--model_name_or_path", work["model"], "--train_file", work["train_file"],
         "--validation_file", work["validation_file"], "--do_predict", "false",
-        "--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--learning_rate", "1e-2",
+        "--per_device_train_batch_size", str(GLOBAL_BATCH // (processes * accumulation)),
+        "--gradient_accumulation_steps", str(accumulation), "--learning_rate", "1e-2",
         "--max_steps", "4", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
         "--save_steps", "2", "--load_best_model_at_end", "true",
-        # Inverted on purpose: the best checkpoint is then step 2, not the last one (the eval loss falls), so
-        # the end-of-training reload has to bring back older weights under every backend.
-        "--metric_for_best_model", "loss", "--greater_is_better", "true",
+        # On these 24 rows at this learning rate the eval loss rises from step 2 to step 4: the best checkpoint is
+        # step 2, not the last one, so the end-of-training reload has to bring back older weights under every
+        # backend (the tests assert both facts, so a change of data or model that ends this fails loudly).
+        "--metric_for_best_model", "loss", "--greater_is_better", "false",
         "--disable_tqdm", "true", "--output_dir", str(output_dir),
     ]
 
@@ -191,7 +203,7 @@ _RUNS: dict = {}
 
 
 def run_preset(preset: str, work) -> dict:
-    """Train 4 steps (saves at 2 and 4), then resume from checkpoint-2 into a second output dir. Cached."""
+    """Train 4 steps (saves at 2 and 4), then (RESUMED) resume from checkpoint-2 into a second output dir. Cached."""
     if preset in _RUNS:
         return _RUNS[preset]
     processes = 1 if preset == "single_gpu" else 2
@@ -199,11 +211,13 @@ def run_preset(preset: str, work) -> dict:
     knobs = ["--gradient_checkpointing", "true"] if preset == "deepspeed_zero3" else []
     first, resumed = work["root"] / f"{preset}-run", work["root"] / f"{preset}-resumed"
     # The resume reads another folder's checkpoint: this test wrote it, so it is trusted (DeepSpeed unpickles).
-    for out, extra in ((first, []), (resumed, ["--resume_from_checkpoint", str(first / "checkpoint-2"),
-                                               "--trust_checkpoint", "true"])):
-        args = _train_args(work, processes, out) + knobs + extra
+    runs = [(first, [])]
+    if preset in RESUMED:
+        runs.append((resumed, ["--resume_from_checkpoint", str(first / "checkpoint-2"), "--trust_checkpoint", "true"]))
+    for out, extra in runs:
+        args = _train_args(work, processes, out, ACCUMULATION.get(preset, 1)) + knobs + extra
         _launch(preset, processes, args, cwd=work["root"])  # not the repo: ./launch works from anywhere
-    _RUNS[preset] = {"first": first, "resumed": resumed, "processes": processes}
+    _RUNS[preset] = {"first": first, "resumed": resumed if preset in RESUMED else None, "processes": processes}
     return _RUNS[preset]
 
 
@@ -232,6 +246,8 @@ def test_preset_trains_evaluates_saves_and_resumes(preset, work):
     final = json.loads((first / "all_results.json").read_text())
     assert evals[2] != pytest.approx(evals[4], abs=1e-4)
     assert final["eval_loss"] == pytest.approx(evals[2], abs=1e-5)
+    if resumed is None:
+        return
     # The resumed run continues exactly: same losses for steps 3 and 4, same evaluation, same final model.
     resumed_losses = _by_step(resumed, "loss")
     for step in (3, 4):
@@ -244,7 +260,8 @@ def test_preset_trains_evaluates_saves_and_resumes(preset, work):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", [p for p in LAUNCHED if p != "single_gpu"])
 def test_two_processes_match_one_process_with_the_same_global_batch(preset, work):
-    """DDP, ZeRO-1/2/3 (+offload) and FSDP2 with CPU offload, 2 x 4 per device == 1 x 8: same loss curve."""
+    """DDP and FSDP2 (2 per device x 2 accumulation), ZeRO-1/2/3 (+offload) and FSDP2 with CPU offload (2 x 4 per
+    device) == 1 process x 4 x 2 accumulation: same loss curve."""
     one = run_preset("single_gpu", work)["first"]
     two = run_preset(preset, work)["first"]
     for key in ("loss", "eval_loss", "grad_norm"):
@@ -255,21 +272,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(preset, work
 
 
 def _evaluate_exported(model_dir: Path, validation_file: str) -> dict:
-    """What the user does with the exported folder: from_pretrained, tokenize, predict (no scaletune code)."""
-    import pandas as pd
-    import torch
-    import torch.nn.functional as F
+    """What the user does with the exported folder, in one process: from_pretrained, tokenize, predict (no
+    scaletune code)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).float().eval()
+    model, info = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    df = pd.read_csv(validation_file)
-    enc = tokenizer(list(df["text"]), padding=True, truncation=True, max_length=128, return_tensors="pt")
-    labels = torch.tensor([model.config.label2id[str(y)] for y in df["label"]])
-    with torch.no_grad():
-        logits = model(**enc).logits
-    return {"eval_loss": F.cross_entropy(logits, labels).item(),
-            "eval_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+    return evaluate_classifier(model.float(), tokenizer, validation_file)
 
 
 @pytest.mark.slow
@@ -289,11 +299,12 @@ def test_zero3_export_loads_with_from_pretrained_and_reproduces_the_eval(preset,
 
 @pytest.mark.slow
 def test_bf16_through_the_accelerate_config_on_cpu(work):
-    """`--mixed_precision bf16` (the accelerate config's field) turns DeepSpeed's bf16 "auto" on."""
+    """`--mixed_precision bf16` (the accelerate config's field) turns DeepSpeed's bf16 "auto" on. One process:
+    the precision, not the process count, is what is checked (1 x 8 is the 2 x 4 run's global batch)."""
     out = work["root"] / "zero2-bf16"
-    args = _train_args(work, 2, out) + ["--load_best_model_at_end", "false", "--max_steps", "2",
+    args = _train_args(work, 1, out) + ["--load_best_model_at_end", "false", "--max_steps", "2",
                                         "--save_strategy", "no", "--eval_strategy", "no"]
-    _launch("deepspeed_zero2", 2, args, cwd=work["root"], extra=["--mixed_precision", "bf16"])
+    _launch("deepspeed_zero2", 1, args, cwd=work["root"], extra=["--mixed_precision", "bf16"])
     from safetensors import safe_open
     import torch
 
@@ -305,6 +316,61 @@ def test_bf16_through_the_accelerate_config_on_cpu(work):
     for step in bf16:  # the same computation, at bf16 precision
         assert bf16[step] == pytest.approx(fp32[step], abs=0.02)
     assert any(bf16[s] != fp32[s] for s in bf16)
+
+
+@pytest.mark.slow
+def test_zero2_checkpoint_resumes_on_one_process_through_the_universal_format(work):
+    """ZeRO partitions the optimizer state per process: the 2-process run's mid-epoch checkpoint-2 resumed on 1
+    process converts it to DeepSpeed's universal format in a view beside it (the checkpoint itself stays as
+    written) and continues the run (ZeRO-3 1 -> 2 and DDP both ways: tests/e2e/test_world_size_resume.py)."""
+    first = run_preset("deepspeed_zero2", work)["first"]
+    resumed = work["root"] / "zero2-on-one"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-2", resumed / "checkpoint-2")
+    proc = _launch("deepspeed_zero2", 1, _train_args(work, 2, resumed) + ["--resume_from_checkpoint", "latest"],
+                   cwd=work["root"])
+    said = proc.stdout + proc.stderr
+    assert "gradient_accumulation_steps 1 -> 2 keeps the global batch" in said
+    assert "converted to DeepSpeed's universal checkpoint" in said
+    a, b = _by_step(first, "loss"), _by_step(resumed, "loss")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):  # fp32, no dropout: the same updates on the other count
+        assert b[step] == pytest.approx(a[step], abs=1e-4), (step, a[step], b[step])
+    assert json.loads((resumed / "trainer_state.json").read_text())["world_size"] == 1
+    assert not [p for p in resumed.iterdir() if p.name.startswith(".universal-")]  # the view is gone
+    assert verify(resumed / "checkpoint-2") is None  # and the checkpoint it was made from is as written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved,resumed_on", [("multi_gpu", 1), ("single_gpu", 2)])
+def test_ddp_checkpoint_resumes_on_another_process_count(saved, resumed_on, work):
+    """The run's mid-epoch checkpoint-2, left where a preempted job leaves it, resumed on the other count: the
+    global batch is kept by rescaling accumulation, and the losses continue the run's (into the second epoch)."""
+    r = run_preset(saved, work)
+    saved_on, accumulation = r["processes"], ACCUMULATION[saved]
+    out = work["root"] / f"{saved}-on-{resumed_on}"
+    out.mkdir()
+    shutil.copytree(r["first"] / "checkpoint-2", out / "checkpoint-2")
+    proc = _launch("single_gpu" if resumed_on == 1 else "multi_gpu", resumed_on,
+                   _train_args(work, saved_on, out, accumulation) + ["--resume_from_checkpoint", "latest"],
+                   cwd=work["root"])
+    new_accumulation = accumulation * saved_on // resumed_on
+    assert (f"gradient_accumulation_steps {accumulation} -> {new_accumulation} keeps the global batch"
+            in proc.stderr + proc.stdout)
+    a, b = _by_step(r["first"], "loss"), _by_step(out, "loss")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], abs=1e-4), (step, a[step], b[step])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["world_size"] == resumed_on and state["global_step"] == 4
+    assert re.search(r"Resumed from \S+checkpoint-2 at step 2\.", proc.stdout), proc.stdout[-2000:]
+    if saved_on > resumed_on:  # each fact in one line: the counts (with the rescaling), whose random state is dropped
+        counts = f"checkpoint-2 was written by {saved_on} process(es) and this run has {resumed_on}"
+        said = [line for line in proc.stderr.splitlines() if counts in line]
+        assert len(said) == 1 and said[0].startswith("scaletune: "), proc.stderr[-3000:]
+        dropped = [line for line in proc.stdout.splitlines() if "random state" in line]
+        assert dropped == ["scaletune: the random state of processes 1..1 is dropped (the checkpoint has 2, this run "
+                           "has 1)."], proc.stdout[-3000:]
 
 
 def _ds_yaml(tmp: Path, ds: dict, name: str) -> Path:
@@ -359,3 +425,109 @@ def test_fp16_overflow_skips_the_update_and_does_not_advance_the_scheduler(work)
         expected = lr * done / warmup if done < warmup else lr * (max_steps - done) / (max_steps - warmup)
         assert rates[step] == pytest.approx(expected, abs=1e-9), (step, rates, skipped)
         done += step not in skipped
+
+
+# --------------------------------------------------------------------------- FSDP2 (fully_shard) on CPU
+# fsdp2's run above (2 per device x 2 accumulation x 2 processes) against multi_gpu's (the same sizes, DDP), its
+# resume, a resume of its checkpoint on 4 processes, and bf16 through FSDP's policy. The CPU switch and the checks
+# made before anything loads: tests/e2e/test_fsdp2.py.
+
+
+@pytest.mark.slow
+def test_fsdp2_loss_per_step_equals_ddp_under_accumulation(work):
+    # fp32, the same global batch: FSDP2's reduce-scatter and accumulation without gradient sync
+    # (accelerator.no_sync -> set_requires_gradient_sync) give DDP's updates. Step 1 also shows that rank 1,
+    # which loaded no weights (fsdp_cpu_ram_efficient_loading), received rank 0's.
+    ddp_run, fsdp_run = run_preset("multi_gpu", work)["first"], run_preset("fsdp2", work)["first"]
+    for key, tol in (("loss", 1e-5), ("eval_loss", 1e-5), ("grad_norm", 1e-5)):
+        ddp, fsdp = _by_step(ddp_run, key), _by_step(fsdp_run, key)
+        assert sorted(fsdp) == sorted(ddp) and ddp
+        for step in ddp:
+            assert fsdp[step] == pytest.approx(ddp[step], abs=tol), (key, step, fsdp, ddp)
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoints_are_sharded_complete_and_loadable_in_one_process(work):
+    out = run_preset("fsdp2", work)["first"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not [p for p in out.iterdir() if ".partial" in p.name or ".deleting" in p.name]
+    for ckpt in out.glob("checkpoint-*"):
+        # torch.distributed.checkpoint shards (written by FSDP only, so this was no DDP fallback) ...
+        assert list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp")) and (ckpt / "optimizer_0").is_dir()
+        # ... plus the consolidated weights, and the manifest that makes the folder verifiable
+        assert (ckpt / "model.safetensors").is_file() and verify(ckpt) is None
+    got = _evaluate_exported(out / "checkpoint-4", work["validation_file"])
+    assert got["eval_loss"] == pytest.approx(_by_step(out, "eval_loss")[4], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_best_model_reload_and_the_whole_model_export(work):
+    out = run_preset("fsdp2", work)["first"]
+    evals = _by_step(out, "eval_loss")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["best_global_step"] == 2 and evals[2] != pytest.approx(evals[4], abs=1e-4)
+    final = json.loads((out / "all_results.json").read_text())
+    assert final["eval_loss"] == pytest.approx(evals[2], abs=1e-6)  # step 2's weights were reloaded
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # gathered, not one rank's shard
+        sizes = {k: f.get_tensor(k).numel() for k in f.keys()}
+    assert sizes and min(sizes.values()) > 0
+    assert sizes["bert.embeddings.word_embeddings.weight"] == 30522 * 32
+    got = _evaluate_exported(out, work["validation_file"])  # 1 process evaluates what 2 FSDP2 processes evaluated
+    assert got["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-5)
+    assert got["eval_accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_mid_epoch_continues_exactly(work):
+    r = run_preset("fsdp2", work)
+    first, resumed = r["first"], r["resumed"]
+    assert _by_step(first, "epoch")[2] < 1 < _by_step(first, "epoch")[4]  # 24 examples / 8 per update
+    losses, again = _by_step(first, "loss"), _by_step(resumed, "loss")
+    for step in (3, 4):
+        assert again[step] == pytest.approx(losses[step], abs=1e-6), (step, again, losses)
+    assert _by_step(resumed, "eval_loss")[4] == pytest.approx(_by_step(first, "eval_loss")[4], abs=1e-6)
+    final = json.loads((first / "all_results.json").read_text())
+    assert json.loads((resumed / "all_results.json").read_text())["eval_loss"] == pytest.approx(final["eval_loss"],
+                                                                                                abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_on_another_process_count_reshards(work):
+    """The 2-process run's step-2 checkpoint resumed on 4 processes (accumulation 2 -> 1, the same global batch
+    of 8): torch.distributed.checkpoint reshards the weights and optimizer. One direction is enough: 4 -> 2 is
+    the same resharding, and a 4-process reference run would cost two more 4-process launches on CI's 2 cores."""
+    two = run_preset("fsdp2", work)["first"]
+    out = work["root"] / "fsdp2-two-to-four"
+    out.mkdir()
+    shutil.copytree(two / "checkpoint-2", out / "checkpoint-2")
+    # The config keeps the accumulation it was written with; the resume rescales it to keep the global batch.
+    proc = _launch("fsdp2", 4, _train_args(work, 2, out, accumulation=2) + ["--resume_from_checkpoint", "latest"],
+                   cwd=work["root"])
+    assert "gradient_accumulation_steps 2 -> 1 keeps the global batch" in proc.stderr
+    losses, resumed = _by_step(two, "loss"), _by_step(out, "loss")
+    assert sorted(resumed) == sorted(losses) == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's history
+    for step in (3, 4):  # the remaining samples, on 4 processes x 1 accumulation, continue the 2 x 2 run
+        assert resumed[step] == pytest.approx(losses[step], abs=1e-4), (step, resumed, losses)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["world_size"] == 4 and state["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_is_fsdps_mixed_precision_policy(work):
+    from safetensors import safe_open
+    import torch
+
+    out = work["root"] / "fsdp2-bf16"
+    args = _train_args(work, 2, out, accumulation=2) + ["--max_steps", "2", "--eval_strategy", "no",
+                                                        "--save_strategy", "no", "--load_best_model_at_end", "false"]
+    _launch("fsdp2", 2, args, cwd=work["root"], extra=["--mixed_precision", "bf16"])
+    bf16, fp32 = _by_step(out, "loss"), _by_step(run_preset("multi_gpu", work)["first"], "loss")
+    assert sorted(bf16) == [1, 2]
+    for step in bf16:  # the same computation in bf16 ...
+        assert bf16[step] == pytest.approx(fp32[step], abs=0.02) and math.isfinite(bf16[step])
+    assert any(bf16[s] != fp32[s] for s in bf16)  # ... really in bf16
+    # MixedPrecisionPolicy gathers bf16 copies for compute; the sharded master weights stay fp32.
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
