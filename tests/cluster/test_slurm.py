@@ -50,7 +50,7 @@ def train_args(model: str, files: dict, output_dir: Path) -> list[str]:
             "--validation_file", files["validation_file"], "--test_file", files["test_file"],
             "--output_dir", str(output_dir), "--max_steps", str(MAX_STEPS), "--per_device_train_batch_size", "4",
             "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "16", "--save_steps", "16",
-            "--learning_rate", "1e-3", "--report_to", "wandb", "--disable_tqdm", "true"]
+            "--learning_rate", "1e-3", "--report_to", "wandb", "--disable_tqdm", "true", "--plot_curves", "false"]
 
 
 def submit(cluster, tmp: Path, args: list[str], nodes: int = 1, nproc_per_node: int = 2,

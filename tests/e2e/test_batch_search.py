@@ -25,7 +25,7 @@ def _losses(out: Path) -> dict:
 def _args(model: str, files: dict, out: Path, **kw) -> dict:
     return {"model_name_or_path": model, **files, "output_dir": str(out), "max_steps": 4, "logging_steps": 1,
             "eval_strategy": "steps", "eval_steps": 2, "save_steps": 2, "do_predict": False, "disable_tqdm": True,
-            "learning_rate": 1e-3, **kw}
+            "plot_curves": False, "learning_rate": 1e-3, **kw}
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from support.tiny import REPO, evaluate_classifier, run_cli
 pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
 MINILM = "packaged:minilm"
-QUIET = {"disable_tqdm": True, "report_to": "none", "do_predict": False, "logging_steps": 1}
+QUIET = {"disable_tqdm": True, "plot_curves": False, "report_to": "none", "do_predict": False, "logging_steps": 1}
 # Evaluate and save at steps 2 and 4; the inverted metric makes step 2 the best, so the end-of-training reload
 # has to bring back an older adapter than the last one.
 BEST_IS_STEP_2 = {"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2, "save_steps": 2,
@@ -163,7 +163,7 @@ MLM_BACKENDS = [b for b in BACKENDS if b != "deepspeed_zero2"]
 # The same short LoRA job on each backend: evaluated and saved at step 2.
 BACKEND_JOB = ["--do_predict", "false", "--per_device_train_batch_size", "4", "--learning_rate", "5e-2",
                "--max_steps", "2", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
-               "--save_steps", "2", "--use_peft", "true", "--disable_tqdm", "true"]
+               "--save_steps", "2", "--use_peft", "true", "--disable_tqdm", "true", "--plot_curves", "false"]
 
 
 def _launch_every_backend(root: Path, args: list[str], backends=BACKENDS) -> dict:

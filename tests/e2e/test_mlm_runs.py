@@ -25,7 +25,7 @@ def tokenizer():
     return minilm_tokenizer()
 
 
-RUN_QUIET = {"disable_tqdm": True, "report_to": "none", "save_strategy": "no"}
+RUN_QUIET = {"disable_tqdm": True, "plot_curves": False, "report_to": "none", "save_strategy": "no"}
 
 
 def _weights(folder) -> dict:

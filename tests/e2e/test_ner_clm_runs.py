@@ -24,7 +24,7 @@ from support.tiny import REPO, accelerate_launch, run_cli
 
 pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
-QUIET = {"disable_tqdm": True, "report_to": "none"}
+QUIET = {"disable_tqdm": True, "plot_curves": False, "report_to": "none"}
 
 
 def step_values(history: list, key: str) -> dict:
@@ -121,7 +121,8 @@ def ner_args(work, out) -> list[str]:
             files["train_file"], "--validation_file", files["validation_file"], "--test_file", files["test_file"],
             "--max_seq_length", "48", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "5",
             "--learning_rate", "2e-2", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2",
-            "--save_steps", "2", "--max_steps", "4", "--disable_tqdm", "true", "--output_dir", str(out)]
+            "--save_steps", "2", "--max_steps", "4", "--disable_tqdm", "true", "--plot_curves", "false",
+            "--output_dir", str(out)]
 
 
 def clm_args(work, out, scratch: bool = False) -> list[str]:
@@ -133,7 +134,7 @@ def clm_args(work, out, scratch: bool = False) -> list[str]:
             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "5", "--learning_rate", "1e-2",
             "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
             "--max_steps", "4", "--sample_prompts", "2", "--sample_max_new_tokens", "4", "--disable_tqdm", "true",
-            "--output_dir", str(out)]
+            "--plot_curves", "false", "--output_dir", str(out)]
 
 
 def evaluate_export(out, files: dict, tmp, **task) -> dict:
@@ -219,8 +220,8 @@ def padding_free_args(work, out, batch: int, padding_free: bool) -> list[str]:
             "--validation_file", files["validation_file"], "--test_file", files["test_file"], "--line_by_line",
             "true", "--max_seq_length", "48", "--per_device_train_batch_size", str(batch), "--learning_rate",
             "1e-2", "--logging_steps", "1", "--max_steps", "4", "--save_strategy", "no", "--eval_strategy", "no",
-            "--do_predict", "false", "--sample_prompts", "0", "--disable_tqdm", "true", "--report_to", "none",
-            "--padding_free", str(padding_free).lower(), "--output_dir", str(out)]
+            "--do_predict", "false", "--sample_prompts", "0", "--disable_tqdm", "true", "--plot_curves", "false",
+            "--report_to", "none", "--padding_free", str(padding_free).lower(), "--output_dir", str(out)]
 
 
 def tokens_per_example(log: list) -> list:

@@ -104,7 +104,7 @@ def test_one_signalled_rank_stops_every_rank_at_the_same_step(tiny_bert, sentime
            "--model_name_or_path", tiny_bert, "--train_file", sentiment_files["train_file"],
            "--validation_file", sentiment_files["validation_file"], "--do_predict", "false",
            "--output_dir", str(out), "--max_steps", "60", "--per_device_train_batch_size", "4",
-           "--logging_steps", "1", "--save_steps", "50", "--disable_tqdm", "true",
+           "--logging_steps", "1", "--save_steps", "50", "--disable_tqdm", "true", "--plot_curves", "false",
            "--resume_from_checkpoint", "latest", "--report_to", "trackio,mlflow"]
     # Both trackers at their defaults: stores inside output_dir, offline.
     env = {k: v for k, v in os.environ.items()

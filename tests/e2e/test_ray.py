@@ -29,7 +29,7 @@ RESUMED = "scaletune.ray: resuming from Ray's last reported checkpoint "
 def job(tiny_bert, sentiment_files, out: Path) -> list[str]:
     args = ["--model_name_or_path", tiny_bert, "--output_dir", str(out), "--max_steps", str(STEPS),
             "--eval_strategy", "steps", "--eval_steps", "4", "--save_strategy", "steps", "--save_steps", "4",
-            "--logging_steps", "1", "--disable_tqdm", "true"]
+            "--logging_steps", "1", "--disable_tqdm", "true", "--plot_curves", "false"]
     for key, path in sentiment_files.items():
         args += [f"--{key}", path]
     return args

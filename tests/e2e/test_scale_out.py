@@ -186,7 +186,7 @@ def _train_args(work, processes: int, output_dir: Path, accumulation: int = 1) -
         # step 2, not the last one, so the end-of-training reload has to bring back older weights under every
         # backend (the tests assert both facts, so a change of data or model that ends this fails loudly).
         "--metric_for_best_model", "loss", "--greater_is_better", "false",
-        "--disable_tqdm", "true", "--output_dir", str(output_dir),
+        "--disable_tqdm", "true", "--plot_curves", "false", "--output_dir", str(output_dir),
     ]
 
 

@@ -33,7 +33,8 @@ def _search_cmd(tiny_bert, sentiment_files, out: Path, space: Path, n_trials: in
     return [sys.executable, "-m", "scaletune.search", "--space", str(space), "--n_trials", str(n_trials), *extra,
             "--model_name_or_path", tiny_bert, "--train_file", sentiment_files["train_file"],
             "--validation_file", sentiment_files["validation_file"], "--output_dir", str(out), "--max_steps", "6",
-            "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2", "--disable_tqdm", "true"]
+            "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2", "--disable_tqdm", "true",
+            "--plot_curves", "false"]
 
 
 def _study(out: Path):

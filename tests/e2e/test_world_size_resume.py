@@ -21,7 +21,7 @@ def args(model, files, out, **kw):
     base = {"--model_name_or_path": model, "--train_file": files["train_file"], "--do_eval": "false",
             "--do_predict": "false", "--output_dir": str(out), "--max_steps": "9", "--save_steps": "3",
             "--logging_steps": "1", "--per_device_train_batch_size": "8", "--disable_tqdm": "true",
-            "--learning_rate": "1e-3", "--validation_split_percentage": "0",
+            "--plot_curves": "false", "--learning_rate": "1e-3", "--validation_split_percentage": "0",
             **{f"--{k}": str(v) for k, v in kw.items()}}
     return [x for kv in base.items() for x in kv]
 
