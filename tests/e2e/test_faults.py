@@ -1,9 +1,13 @@
 """The fault suite: real processes, real signals, real disks -- what happens when a run is interrupted, killed,
 corrupted, starved of disk, fed NaNs, doubled, or resumed with the wrong settings (docs/reliability.md).
 
-Every faulty run is a real `python -m scaletune.train` (or `accelerate launch` with 2 CPU processes) in a
-subprocess; the runs that only prepare an output dir for a fault run in-process through `scaletune.train.run`
-(same code, no process start-up). Waits are bounded polls, never timings. Each error case asserts: exit code 2,
+A run that a fault hits through its process (a signal, a kill, a lock held by a live process, the launcher,
+several processes) is a real `python -m scaletune.train` (or `accelerate launch` with 2 CPU processes) in a
+subprocess. Every other run is made in this process, which has imported torch already: the runs that only prepare
+an output dir through `scaletune.train.run`, and the runs whose exit code, output and files the test judges (a
+resume after the fault, a damaged checkpoint, a full disk, NaNs, changed settings) through
+`support.inprocess.main_in_process`, which gives them what their own process would get (fds 1 and 2, argv, the
+environment of support.faults.run). Waits are bounded polls, never timings. Each error case asserts: exit code 2,
 exactly one non-empty stderr line `scaletune: error: ...` (library progress bars are switched off with their
 own environment variables, see support/faults.QUIET), no traceback, and an untouched earlier run.
 """
@@ -28,6 +32,7 @@ from scaletune.state import STATE_FILE
 from support.faults import (LOCK_FILE, all_finite, assert_one_line_error, checkpoint_dirs, describe,
                             launch_cmd, launch_env, logs, max_weight_diff, nonempty_lines, partials, pause,
                             processes_of, run, start, stop, train_cmd, tree_digest, wait_for, worker_pids)
+from support.inprocess import main_in_process
 from support.tiny import write_sentiment_csv
 
 pytestmark = pytest.mark.slow  # every test here launches a training run or a process
@@ -119,7 +124,7 @@ def test_ctrl_c_checkpoints_and_the_resume_matches_an_uninterrupted_run(referenc
     assert not (out / "model.safetensors").exists()  # stopped, not finished
     assert not (out / LOCK_FILE).exists()  # released on the way out
 
-    resumed = run(train_cmd(cli({**cfg, "resume_from_checkpoint": "latest"})), timeout=START_TIMEOUT)
+    resumed = main_in_process(cli({**cfg, "resume_from_checkpoint": "latest"}))
     assert resumed.returncode == 0, describe(resumed)
     assert resumed_from(resumed.stdout) == (str(ckpt), step)
     assert max_weight_diff(out, reference) < 1e-6
@@ -156,7 +161,8 @@ def test_kill_9_during_saves_never_resumes_a_partial_checkpoint(reference, tiny_
     kills_wanted = 5
     rng = random.Random(20261201)
     out = tmp_path / "out"
-    cmd = train_cmd(cli(ref_config(tiny_bert, sentiment_files, out, resume_from_checkpoint="latest")))
+    args = cli(ref_config(tiny_bert, sentiment_files, out, resume_from_checkpoint="latest"))
+    cmd = train_cmd(args)
     kills, in_save, attempt = [], 0, 0
     while len(kills) < kills_wanted:
         attempt += 1
@@ -209,7 +215,7 @@ def test_kill_9_during_saves_never_resumes_a_partial_checkpoint(reference, tiny_
     assert in_save >= 1, f"no kill landed inside a save: {kills}"
 
     expected = list_checkpoints(out)
-    final = run(cmd, timeout=START_TIMEOUT)
+    final = main_in_process(args)  # the last resume needs no process to kill
     assert final.returncode == 0, describe(final)
     assert resumed_from(final.stdout) == (str(expected[max(expected)]), max(expected))
     assert state_of(out)["global_step"] == REF_STEPS
@@ -237,11 +243,11 @@ def test_damaged_newest_checkpoint_falls_back_and_an_explicit_path_is_refused(ti
         f.truncate(size // 2)  # a save cut short by a crash of the storage, a full quota, a bad copy...
 
     before = tree_digest(out)
-    explicit = run(train_cmd(cli({**cfg, "resume_from_checkpoint": str(out / "checkpoint-6")})), timeout=60)
+    explicit = main_in_process(cli({**cfg, "resume_from_checkpoint": str(out / "checkpoint-6")}))
     assert_one_line_error(explicit, "checkpoint-6", "is damaged", str(damaged), f"{size // 2} bytes")
     assert tree_digest(out) == before
 
-    latest = run(train_cmd(cli({**cfg, "resume_from_checkpoint": "latest"})), timeout=START_TIMEOUT)
+    latest = main_in_process(cli({**cfg, "resume_from_checkpoint": "latest"}))
     assert latest.returncode == 0, describe(latest)
     assert "Traceback" not in latest.stderr
     said = [line for line in nonempty_lines(latest.stderr) if "damaged" in line]
@@ -295,7 +301,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(ba
     size = checkpoint + (model // 2 if runs_out_in == "model.safetensors" else model + model // 2)
     out = small_disk(size) / "out"
     cfg = base(tiny_bert, sentiment_files, out, max_steps=3, save_steps=1, save_in_background=background)
-    proc = run(train_cmd(cli(cfg)), timeout=120)
+    proc = main_in_process(cli(cfg))
     assert 1 in list_checkpoints(out), describe(proc)
     line = assert_one_line_error(proc, str(out / ".checkpoint-2.partial"))
     assert re.search(r"no space left on (the )?device", line, re.I), line
@@ -355,7 +361,7 @@ def nan_stop(tiny_bert, sentiment_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("nan_stop") / "out"
     cfg = base(tiny_bert, sentiment_files, out, test_file=sentiment_files["test_file"], do_predict=True,
                learning_rate=NAN_LR, max_steps=8, save_steps=1)
-    return out, run(train_cmd(cli(cfg)), timeout=START_TIMEOUT)
+    return out, main_in_process(cli(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +369,7 @@ def nan_skip(tiny_bert, sentiment_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("nan_skip") / "out"
     cfg = base(tiny_bert, sentiment_files, out, learning_rate=NAN_LR, max_steps=8, save_steps=1,
                on_nonfinite="skip", max_skipped_updates=1)
-    return out, run(train_cmd(cli(cfg)), timeout=START_TIMEOUT)
+    return out, main_in_process(cli(cfg))
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(nan_stop):
@@ -429,8 +435,7 @@ def test_second_run_is_refused_while_the_first_lives_and_takes_over_after_it_die
         stop(first)
     assert (out / LOCK_FILE).is_file()  # stale now
     step = max(list_checkpoints(out))
-    third = run(train_cmd(cli({**cfg, "max_steps": step + 2, "resume_from_checkpoint": "latest"})),
-                timeout=START_TIMEOUT)
+    third = main_in_process(cli({**cfg, "max_steps": step + 2, "resume_from_checkpoint": "latest"}))
     assert third.returncode == 0, describe(third)
     assert resumed_from(third.stdout) == (str(out / f"checkpoint-{step}"), step)
     assert f"scaletune: resuming checkpoint-{step} with changed settings: max_steps: 100000 -> {step + 2}." \
@@ -452,7 +457,8 @@ def one_process_run(tiny_bert, sentiment_files, tmp_path_factory) -> tuple[Path,
 
 
 # A two-process checkpoint resumed on one process (accumulation rescaled, each fact said in one line, the random
-# state of the dropped process named): tests/e2e/test_world_size_resume.py::test_resume_on_another_process_count[2-1-1].
+# state of the dropped process named):
+# tests/e2e/test_scale_out.py::test_ddp_checkpoint_resumes_on_another_process_count[multi_gpu-1].
 
 
 @pytest.fixture(scope="module")
@@ -514,8 +520,8 @@ def test_an_allowed_change_of_learning_rate_and_max_steps_takes_effect_on_resume
     src, cfg = one_process_run
     out = tmp_path / "out"
     shutil.copytree(src, out)  # the shared run stays as it is
-    proc = run(train_cmd(cli({**cfg, "output_dir": str(out), "learning_rate": 1e-2, "max_steps": 6,
-                              "resume_from_checkpoint": "latest"})), timeout=START_TIMEOUT)
+    proc = main_in_process(cli({**cfg, "output_dir": str(out), "learning_rate": 1e-2, "max_steps": 6,
+                                "resume_from_checkpoint": "latest"}))
     assert proc.returncode == 0, describe(proc)
     assert "learning_rate: 0.001 -> 0.01; max_steps: 4 -> 6." in proc.stderr
     lrs = {e["step"]: e["learning_rate"] for e in state_of(out)["log_history"] if "loss" in e}
@@ -533,7 +539,7 @@ def shrunk_resume(tiny_bert, sentiment_files, tmp_path_factory):
     setup_run(cfg)
     write_sentiment_csv(train_file, 16, seed=1)
     before = tree_digest(out)
-    proc = run(train_cmd(cli({**cfg, "resume_from_checkpoint": "latest"})), timeout=60)  # never hangs
+    proc = main_in_process(cli({**cfg, "resume_from_checkpoint": "latest"}))  # a hang: pytest's timeout
     return proc, before, tree_digest(out)
 
 
@@ -561,8 +567,7 @@ def test_resume_after_overwrite_output_dir_continues_the_new_run_never_the_old(t
     assert sorted(list_checkpoints(out)) == [2, 4]  # the old run's higher checkpoints are gone
     assert "learning_rate: 0.001" in (out / "checkpoint-4" / "config.yaml").read_text()
 
-    resumed = run(train_cmd(cli({**new, "max_steps": 6, "resume_from_checkpoint": "latest"})),
-                  timeout=START_TIMEOUT)
+    resumed = main_in_process(cli({**new, "max_steps": 6, "resume_from_checkpoint": "latest"}))
     assert resumed.returncode == 0, describe(resumed)
     assert resumed_from(resumed.stdout) == (str(out / "checkpoint-4"), 4)
     changed = [line for line in nonempty_lines(resumed.stderr) if "changed settings" in line]
@@ -586,8 +591,7 @@ def test_a_moved_output_dir_reloads_its_best_checkpoint_from_the_new_place(tiny_
     shutil.move(str(old), str(new))
     assert not old.exists()
 
-    proc = run(train_cmd(cli({**cfg, "output_dir": str(new), "max_steps": 8, "resume_from_checkpoint": "latest"})),
-               timeout=START_TIMEOUT)
+    proc = main_in_process(cli({**cfg, "output_dir": str(new), "max_steps": 8, "resume_from_checkpoint": "latest"}))
     assert proc.returncode == 0, describe(proc)
     best = state_of(new)["best_global_step"]
     assert best < 8

@@ -9,10 +9,10 @@ offline GPU machine, and the runs must still finish with their evaluations.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+
+from support.inprocess import main_in_process
 
 
 def make_hub_kernels_raise(monkeypatch) -> list:
@@ -94,9 +94,9 @@ def test_hub_kernels_that_cannot_be_had_are_one_line_before_training(hub_kernels
 def test_a_model_that_cannot_be_found_writes_nothing(tiny_bert, sentiment_files, tmp_path):
     """Before: a 77-97-line traceback, exit 1, and an empty output dir left behind."""
     out = tmp_path / "never_made"
-    proc = subprocess.run([sys.executable, "-m", "scaletune.train", "--model_name_or_path", str(tmp_path / "nope"),
-                           "--train_file", sentiment_files["train_file"], "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = main_in_process(["--model_name_or_path", str(tmp_path / "nope"), "--train_file",
+                            sentiment_files["train_file"], "--output_dir", str(out)],
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"scaletune: error: model_name_or_path={str(tmp_path / 'nope')!r} does not exist: no such folder. "

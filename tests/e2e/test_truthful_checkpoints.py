@@ -1,7 +1,8 @@
 """Checkpoints whose every file is checked, a lock that holds, an atomic export (issue #26, items 3, 4, 6, 7, 12).
 
 Real runs, as in the fault suite (test_faults.py, whose helpers and fixtures these reuse): the output dirs of
-finished runs are copied, damaged the way a user or the storage would, and resumed by `python -m scaletune.train`.
+finished runs are copied, damaged the way a user or the storage would, and resumed as `python -m scaletune.train`
+would resume them, in this process (support/inprocess.py); the two-run race starts real processes.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import pytest
 from scaletune.checkpoint import MANIFEST_FILE, verify, write_manifest
 from scaletune.errors import CheckpointError
 from scaletune.state import STATE_FILE
-from support.faults import (LOCK_FILE, assert_one_line_error, describe, logs, nonempty_lines, partials, run, start,
-                            stop, train_cmd, tree_digest, wait_for)
+from support.faults import (LOCK_FILE, assert_one_line_error, describe, logs, nonempty_lines, partials, start, stop,
+                            train_cmd, tree_digest, wait_for)
+from support.inprocess import main_in_process
 from test_faults import (START_TIMEOUT, base, cli, resumed_from, setup_run, state_of,  # noqa: F401 (fixtures)
                          small_disk)
 
@@ -42,11 +44,11 @@ def assert_refused_then_falls_back(cfg: dict, out: Path, problem: str) -> None:
     it with one true line, resumes checkpoint-1 and saves step 2 again."""
     ckpt = out / "checkpoint-2"
     before = tree_digest(out)
-    explicit = run(train_cmd(cli({**cfg, "resume_from_checkpoint": str(ckpt)})), timeout=60)
+    explicit = main_in_process(cli({**cfg, "resume_from_checkpoint": str(ckpt)}))
     assert_one_line_error(explicit, f"checkpoint {str(ckpt)!r} is damaged: {problem}. Resume from another")
     assert tree_digest(out) == before
 
-    latest = run(train_cmd(cli({**cfg, "resume_from_checkpoint": "latest"})), timeout=START_TIMEOUT)
+    latest = main_in_process(cli({**cfg, "resume_from_checkpoint": "latest"}))
     assert latest.returncode == 0, describe(latest)
     said = [line for line in nonempty_lines(latest.stderr) if "damaged" in line]
     assert said == [f"scaletune: checkpoint-2 is damaged ({problem}); falling back to the previous checkpoint."], \
@@ -145,7 +147,7 @@ def test_disk_full_during_the_export_is_one_line_and_keeps_the_checkpoints(tiny_
     checkpoint = 3 * model + tokenizer + 64  # as in test_faults: weights + AdamW's 2 moments + tokenizer + small
     out = small_disk(checkpoint + model // 2) / "out"  # the checkpoint fits; the exported weights do not
     cfg = base(tiny_bert, sentiment_files, out, max_steps=1, save_steps=1)
-    proc = run(train_cmd(cli(cfg)), timeout=120)
+    proc = main_in_process(cli(cfg))
     line = assert_one_line_error(proc, str(out / ".export.partial"))
     assert re.search(r"no space left on (the )?device", line, re.I), line
     assert verify(out / "checkpoint-1") is None  # the checkpoint is kept, whole

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from support.tiny import free_port
+from support.tiny import free_port, without_curves
 
 LOCK_FILE = ".scaletune.lock"
 
@@ -34,14 +34,16 @@ def clean_env(extra: Optional[dict] = None) -> dict:
 
 
 def train_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "scaletune.train", *args]
+    """No curves.png unless asked (support.tiny.without_curves), as the runs made in the pytest process (conftest):
+    a run resumed the other way round would otherwise report a changed setting."""
+    return [sys.executable, "-m", "scaletune.train", *without_curves(args)]
 
 
 def launch_cmd(num_processes: int, args: list[str]) -> list[str]:
     """`accelerate launch --multi_gpu --num_processes N -m scaletune.train ...` on CPU (gloo)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "scaletune.train", *args]
+            "--main_process_port", str(free_port()), "-m", "scaletune.train", *without_curves(args)]
 
 
 def launch_env() -> dict:
