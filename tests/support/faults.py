@@ -93,12 +93,21 @@ def wait_for(condition: Callable[[], bool], proc: Optional[subprocess.Popen], ti
 
 
 def pause(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGSTOP `proc` and wait until the kernel shows it stopped: the signal is delivered asynchronously, and a
-    digest taken in between can miss a file the run is still writing (seen in CI: a `.partial/.tmp*`)."""
+    """SIGSTOP `proc` and wait until the kernel shows every thread of it stopped: the signal is delivered
+    asynchronously, thread by thread, and a digest taken in between can miss a file the run is still writing
+    (seen in CI: a `.partial/.tmp*` of the background save's thread, after the main thread had stopped)."""
     proc.send_signal(signal.SIGSTOP)
-    stat = Path(f"/proc/{proc.pid}/stat")
-    # Field 3 after the parenthesised command name is the state; "T" is stopped by a signal.
-    wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T", proc, timeout, "the run to stop")
+
+    def stopped() -> bool:
+        states = []
+        for stat in Path(f"/proc/{proc.pid}/task").glob("*/stat"):
+            try:  # field 3, after the parenthesised command name: "T" stopped by a signal
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):  # a thread that just ended
+                continue
+        return bool(states) and all(state in "Tt" for state in states)
+
+    wait_for(stopped, proc, timeout, "the run to stop")
 
 
 def stop(proc: subprocess.Popen) -> None:
