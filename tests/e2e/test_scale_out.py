@@ -30,9 +30,10 @@ PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 # Slurm nodes (rendezvous, training, the one-node run's weights and metrics); FSDP2 on two processes is fsdp2's
 # run. Their launch commands are checked with every preset's below.
 LAUNCHED = [p for p in PRESETS if not p.endswith("multi_node")]
-# Resumed on the same process count: every launched preset but fsdp2_offload, whose resume would be fsdp2's
-# (the same FSDP2 state-dict load; on CPU the offloaded shards already live where the parameters do).
-RESUMED = [p for p in LAUNCHED if p != "fsdp2_offload"]
+# Resumed on the same process count: every launched preset but the offloaded ones and ZeRO-1, whose resume would
+# be that of fsdp2 / deepspeed_zero3 / deepspeed_zero2 (the same FSDP2 state-dict load, the same DeepSpeed
+# load_checkpoint of per-rank optimizer shards; on CPU the offloaded state already lives where the parameters do).
+RESUMED = [p for p in LAUNCHED if p not in ("fsdp2_offload", "deepspeed_zero3_offload", "deepspeed_zero1")]
 # 2 per device x 2 accumulation x 2 processes: FSDP2's accumulation without gradient sync against DDP's. One
 # process accumulates 2 x 4: its checkpoint resumes on 2 processes with accumulation 1 (and the 2-process DDP
 # one on 1 process with accumulation 4).
