@@ -145,19 +145,18 @@ def test_a_run_without_deepspeed_never_imports_it(tiny_bert, sentiment_files, tm
 
 def test_deepspeed_is_imported_without_mlflow_unless_the_run_logs_to_it():
     """mlflow is installed here (the test extra), and DeepSpeed imports it for its autotuner: 1.4 s of CPU and a
-    `uname -p` subprocess in every DeepSpeed process. scaletune's import hides it; mlflow still imports after, and
-    a run that logs to mlflow imports it as usual."""
+    `uname -p` subprocess in every DeepSpeed process. scaletune's import hides it, and mlflow still imports after.
+    (A run that logs to mlflow imports it first: nothing is hidden then.)"""
     code = textwrap.dedent("""
         import sys
         from scaletune.distributed.deepspeed import import_deepspeed
-        import_deepspeed(with_mlflow=sys.argv[1] == "mlflow")
+        import_deepspeed(with_mlflow=False)
         print("deepspeed", "deepspeed" in sys.modules, "mlflow", "mlflow" in sys.modules)
         import mlflow
         print("mlflow importable", mlflow.__name__)
     """)
-    for report_to, expected in (("none", "deepspeed True mlflow False"), ("mlflow", "deepspeed True mlflow True")):
-        proc = run_cli([sys.executable, "-c", code, report_to], cwd=REPO, timeout=300)
-        assert expected in proc.stdout and "mlflow importable mlflow" in proc.stdout, proc.stdout[-2000:]
+    proc = run_cli([sys.executable, "-c", code], cwd=REPO, timeout=300)
+    assert "deepspeed True mlflow False" in proc.stdout and "mlflow importable mlflow" in proc.stdout, proc.stdout
 
 
 def _thp_available() -> bool:
