@@ -18,6 +18,7 @@ from scaletune import assets
 from scaletune.conll_format import read_conll
 from scaletune.predict import run_prediction
 from scaletune.train import run
+from support.inprocess import main_in_process
 from support.ner_clm import make_tiny_token_bert, ner_files
 
 pytestmark = pytest.mark.slow  # every test here launches a training run or a process
@@ -45,8 +46,8 @@ def test_classification(tiny_bert, sentiment_files, tmp_path):
     r = run({"model_name_or_path": tiny_bert, **sentiment_files, "output_dir": str(out), **QUICK})
     # The CLI: only the model folder and the file; the output folder does not exist yet.
     target = tmp_path / "new" / "deeper" / "preds.csv"
-    proc = subprocess.run([sys.executable, "-m", "scaletune.predict", str(out), "--test_file",
-                           sentiment_files["test_file"], "--output_file", str(target)], capture_output=True, text=True)
+    proc = main_in_process([str(out), "--test_file", sentiment_files["test_file"], "--output_file", str(target)],
+                           module="scaletune.predict")  # the CLI in this process (its own process: below)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test_accuracy=" in proc.stdout and f"Predictions written to {target}" in proc.stdout
     ours, theirs = rows(target), rows(r.predictions_file)

@@ -5,8 +5,6 @@ the columns, task and precision the run resolved, `scaletune.predict` holds a ne
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from scaletune.config import ConfigError
 from scaletune.errors import DataError
 from scaletune.predict import run_prediction
 from scaletune.train import run
+from support.inprocess import main_in_process
 
 pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
@@ -54,9 +53,8 @@ def test_predict_refuses_a_file_without_the_text_columns_the_run_trained_on(tiny
     lacking = tmp_path / "lacking.csv"
     lacking.write_text("id,text,sentence1\n1,a short text,a sentence\n")
     target = tmp_path / "preds.csv"
-    proc = subprocess.run([sys.executable, "-m", "scaletune.predict", str(out), "--test_file", str(lacking),
-                           "--output_file", str(target)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **QUIET_ENV})
+    proc = main_in_process([str(out), "--test_file", str(lacking), "--output_file", str(target)],
+                           env={**os.environ, **QUIET_ENV}, module="scaletune.predict")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("scaletune.predict: error: ") and "sentence2" in lines[0], lines

@@ -1,5 +1,6 @@
-"""`python -m scaletune.train ARGS` run by the calling process: `main_in_process(args)` returns what the process
-would have (a `subprocess.CompletedProcess`: exit code, stdout, stderr), without its ~6-7 s of imports.
+"""`python -m scaletune.train ARGS` (or scaletune.predict) run by the calling process: `main_in_process(args)`
+returns what the process would have (a `subprocess.CompletedProcess`: exit code, stdout, stderr), without its
+~6-7 s of imports.
 
 What the run gets is what its own process would get:
 - the environment given (default: `support.faults.clean_env()`, as `support.faults.run` gives a process); the
@@ -32,16 +33,19 @@ from typing import Optional
 from support.faults import clean_env
 
 
-def main_in_process(args: list[str], env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """`scaletune.train.main(args)` as `python -m scaletune.train *args` with environment `env` would run it."""
-    from scaletune import train
+def main_in_process(args: list[str], env: Optional[dict] = None,
+                    module: str = "scaletune.train") -> subprocess.CompletedProcess:
+    """`module.main(args)` (scaletune.train's, or scaletune.predict's) as `python -m module *args` with environment
+    `env` would run it."""
+    import importlib
 
+    cli = importlib.import_module(module)
     code, escaped, captured = 1, None, {}
     with _environment(clean_env() if env is None else env), _standard_streams(captured):
-        argv, sys.argv = sys.argv, [train.__file__, *args]
+        argv, sys.argv = sys.argv, [cli.__file__, *args]
         try:
             with _process_warnings():
-                code = train.main(list(args))
+                code = cli.main(list(args))
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except Exception:  # noqa: BLE001 - a process prints it and exits 1; the test judges that
@@ -50,7 +54,7 @@ def main_in_process(args: list[str], env: Optional[dict] = None) -> subprocess.C
         finally:
             sys.argv = argv
             _reset_accelerate()
-    proc = subprocess.CompletedProcess([sys.executable, "-m", "scaletune.train", *args], code, captured[1], captured[2])
+    proc = subprocess.CompletedProcess([sys.executable, "-m", module, *args], code, captured[1], captured[2])
     proc.escaped = escaped  # type: ignore[attr-defined]
     return proc
 
