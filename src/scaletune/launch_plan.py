@@ -216,10 +216,6 @@ def plan(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(plan(sys.argv[1:]))
-
-
 def scaletune_home(env: Mapping[str, str] = os.environ) -> Path:
     """The checkout with ./launch: $SCALETUNE_HOME, else the one this package is installed from (editable)."""
     home = Path(env.get("SCALETUNE_HOME") or Path(__file__).resolve().parents[2])
@@ -227,3 +223,7 @@ def scaletune_home(env: Mapping[str, str] = os.environ) -> Path:
         raise LaunchError(f"cannot find the scaletune checkout (no {home / 'launch'}); set SCALETUNE_HOME to it "
                           f"(a TrainJob: in its trainer.env).")
     return home
+
+
+if __name__ == "__main__":
+    sys.exit(plan(sys.argv[1:]))
