@@ -22,6 +22,7 @@ from typing import Optional
 
 from .config import load_config
 from .errors import ConfigError, ScaletuneError
+from .launch_plan import whole_number
 
 USAGE = ("usage: python -m scaletune.ray CONFIG --num_workers N [--use_gpu] [--max_failures K] [--address auto] "
          "[--key value ...]")
@@ -39,14 +40,11 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
         if name == "use_gpu":
             opts["use_gpu"] = True
         elif name in ("num_workers", "max_failures", "address"):
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or not argv[i + 1]:
                 raise ConfigError(f"--{name} needs a value. {USAGE}")
-            value = argv[i + 1]
-            if name != "address":
-                if not value.isdigit() or (name == "num_workers" and int(value) < 1):
-                    least = 1 if name == "num_workers" else 0
-                    raise ConfigError(f"--{name} must be a whole number >= {least}, got {value!r}.")
-                value = int(value)
+            value = argv[i + 1] if name == "address" else whole_number(f"--{name}", argv[i + 1])
+            if name == "num_workers" and value < 1:
+                raise ConfigError(f"--num_workers must be at least 1, got {value}.")
             opts[name] = value
             i += 1
         else:

@@ -21,9 +21,9 @@ def test_ray_options_are_taken_out_and_training_arguments_kept_in_order():
 
 @pytest.mark.parametrize("argv, fragment", [
     (["job.yaml"], "--num_workers is required"),
-    (["--num_workers", "0"], "--num_workers must be a whole number >= 1, got '0'"),
-    (["--num_workers", "two"], "--num_workers must be a whole number >= 1, got 'two'"),
-    (["--num_workers", "2", "--max_failures", "-1"], "--max_failures must be a whole number >= 0, got '-1'"),
+    (["--num_workers", "0"], "--num_workers must be at least 1, got 0."),
+    (["--num_workers", "two"], "--num_workers must be a whole number, got 'two'."),
+    (["--num_workers", "2", "--max_failures", "-1"], "--max_failures must be a whole number, got '-1'."),
     (["--num_workers"], "--num_workers needs a value"),
 ])
 def test_a_bad_option_is_one_line(argv, fragment):
