@@ -43,8 +43,9 @@ SCRIPTS = {
 }
 
 
-def main_in_process(script, args: list[str]) -> str:
-    """`python SCRIPT ARGS` made by this process (the script's main() under its argv); what it printed."""
+def script_main_in_process(script, args: list[str]) -> str:
+    """`python SCRIPT ARGS` made by this process (the script's main() under its argv); what it printed. Not
+    support.inprocess.main_in_process: a benchmark script is a file, not a module with a CLI main(argv)."""
     spec = importlib.util.spec_from_file_location(f"benchmark_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -67,7 +68,7 @@ def test_benchmark_runs_at_tiny_size_and_prints_its_ratios(name, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHON", sys.executable)
     if in_process:
-        stdout = main_in_process(script, args)
+        stdout = script_main_in_process(script, args)
     else:
         stdout = run_cli([sys.executable, str(script), *args], timeout=300).stdout
     for pattern in expected:
