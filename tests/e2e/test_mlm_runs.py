@@ -167,29 +167,12 @@ def test_accumulation_4x2_equals_1x8_with_uneven_masked_counts(mechanics, refere
     assert result.metrics["eval_loss"] == pytest.approx(reference_1x8.metrics["eval_loss"], rel=1e-5)
 
 
-def test_two_process_run_matches_one_process(mechanics, reference_1x8):
-    from support.tiny import accelerate_launch
-
-    out = mechanics["root"] / "ddp_2x4"
-    args = []
-    for k, v in {**mechanics["base"], "per_device_train_batch_size": 4, "output_dir": str(out)}.items():
-        args += [f"--{k}", str(v)]
-    accelerate_launch(2, args, timeout=300)
-
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2
-    # 2 ranks x 4 = one batch of 8: the loss is normalised over masked tokens of both ranks.
-    _assert_same_training(state["log_history"], reference_1x8, out, mechanics["model"])
-    final = json.loads((out / "all_results.json").read_text())
-    # Evaluation masks depend only on content, so the distributed evaluation equals the single-process one.
-    assert final["eval_loss"] == pytest.approx(reference_1x8.metrics["eval_loss"], rel=1e-5)
-    assert final["eval_accuracy"] == pytest.approx(reference_1x8.metrics["eval_accuracy"])
-    assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]), rel=1e-9)
-
-
 def test_fsdp2_run_matches_one_process_and_exports_the_tied_head(mechanics, reference_1x8):
-    """BERT's MLM head holds its output bias under two names (`cls.predictions.bias` is the decoder's bias);
-    FSDP2 shards it once, under the decoder's name, and the export still loads as a plain BertForMaskedLM."""
+    """2 ranks x 4 = one batch of 8: each rank masks its own examples and the loss is normalised over the masked
+    tokens of both ranks, so the training and the evaluation are the one-process run's. (The only 2-process
+    masked-LM run: DDP's would check the same data-parallel path, which is the Stepper's on every backend.)
+    BERT's MLM head holds its output bias under two names (`cls.predictions.bias` is the decoder's bias); FSDP2
+    shards it once, under the decoder's name, and the export still loads as a plain BertForMaskedLM."""
     import sys
 
     from transformers import AutoModelForMaskedLM
@@ -214,6 +197,10 @@ def test_fsdp2_run_matches_one_process_and_exports_the_tied_head(mechanics, refe
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     final = json.loads((out / "all_results.json").read_text())
     assert final["eval_loss"] == pytest.approx(state["best_metric"], rel=1e-6)  # the best weights reloaded
+    # Evaluation masks depend only on content, so the distributed evaluation equals the single-process one.
+    assert final["eval_loss"] == pytest.approx(reference_1x8.metrics["eval_loss"], rel=1e-5)
+    assert final["eval_accuracy"] == pytest.approx(reference_1x8.metrics["eval_accuracy"])
+    assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_loss"]), rel=1e-9)
     exported, info = AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     head = exported.cls.predictions

@@ -20,7 +20,7 @@ from scaletune import data
 from scaletune.conll_format import read_conll
 from scaletune.train import run
 from support.ner_clm import make_tiny_llama, make_tiny_token_bert, ner_files, rotten_lines
-from support.tiny import REPO, accelerate_launch, run_cli
+from support.tiny import REPO, run_cli
 
 pytestmark = pytest.mark.slow  # every test here launches a training run or a process
 
@@ -144,23 +144,6 @@ def evaluate_export(out, files: dict, tmp, **task) -> dict:
                 "per_device_eval_batch_size": 64}).metrics
 
 
-def test_ner_two_process_ddp_eval_equals_one_process(work):
-    """Real DDP over gloo; 13 validation and 9 test sentences over 2 ranks (uneven, padded last batches): the
-    entity metrics equal a 1-process evaluation of the exported model, and the prediction file has every test
-    sentence once, word for word."""
-    out = work["root"] / "ner_ddp"
-    accelerate_launch(2, ner_args(work, out))
-    ddp = results(out)
-    one = evaluate_export(out, work["ner"], work["root"] / "ner_one", task="token_classification",
-                          max_seq_length=48)
-    for k in ("eval_loss", "eval_f1", "eval_precision", "eval_recall", "eval_accuracy", "test_loss", "test_f1"):
-        assert one[k] == pytest.approx(ddp[k], rel=1e-5, abs=1e-7), k
-    assert ddp["eval_f1"] > 0  # a learnable toy task: the comparison is not between two zeros
-    words, _ = read_conll(work["ner"]["test_file"])
-    predicted, tags = read_conll(str(out / "predictions.conll"))  # the task names its file (CoNLL)
-    assert predicted == words and all(t in {"B-LOC", "B-PER", "I-LOC", "I-PER", "O"} for s in tags for t in s)
-
-
 @pytest.mark.parametrize("task", ["token_classification", "clm"])
 def test_resume_mid_epoch_equals_uninterrupted(work, task):
     """Resumed from the step-3 checkpoint (mid-epoch) into a new folder: steps 4-7 lose exactly what the
@@ -182,9 +165,12 @@ def test_resume_mid_epoch_equals_uninterrupted(work, task):
 
 @pytest.mark.parametrize("task", ["token_classification", "clm"])
 def test_deepspeed_zero2_on_two_cpu_processes_trains_and_exports(work, task):
-    """Both tasks train on 2 processes and export the trained model. The causal LM starts from scratch
-    (`model_name_or_path: none`, the tiny Llama's config and tokenizer): its 2-process perplexity and accuracy (test
-    split too) equal a 1-process evaluation of the export, and the exported model writes samples. (The causal LM
+    """Both tasks train on 2 processes and export the trained model, and their 2-process evaluation and test pass
+    equal a 1-process evaluation of the export. NER: 13 validation and 9 test sentences over 2 ranks (uneven,
+    padded last batches): the entity metrics are equal and the prediction file has every test sentence once, word
+    for word (the gathering of predictions is the Evaluator's on every backend, so DDP's would check the same). The
+    causal LM starts from scratch (`model_name_or_path: none`, the tiny Llama's config and tokenizer): its
+    perplexity and accuracy (test split too) are equal, and the exported model writes samples. (The causal LM
     under plain DDP: test_padding_free_trains_exactly_like_padded_batches.)"""
     out = work["root"] / f"{task}_zero2"
     args = ner_args(work, out) if task == "token_classification" else clm_args(work, out, scratch=True)
@@ -196,6 +182,13 @@ def test_deepspeed_zero2_on_two_cpu_processes_trains_and_exports(work, task):
     extra = {"max_seq_length": 48} if task == "token_classification" else {"block_size": 32, "sample_prompts": 0}
     one, two = evaluate_export(out, files, work["root"] / f"{task}_zero2_one", task=task, **extra), results(out)
     assert one["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-5)  # the export is the trained model
+    if task == "token_classification":
+        for k in ("eval_f1", "eval_precision", "eval_recall", "eval_accuracy", "test_loss", "test_f1"):
+            assert one[k] == pytest.approx(two[k], rel=1e-5, abs=1e-7), k
+        assert two["eval_f1"] > 0  # a learnable toy task: the comparison is not between two zeros
+        words, _ = read_conll(work["ner"]["test_file"])
+        predicted, tags = read_conll(str(out / "predictions.conll"))  # the task names its file (CoNLL)
+        assert predicted == words and all(t in {"B-LOC", "B-PER", "I-LOC", "I-PER", "O"} for s in tags for t in s)
     if task == "clm":
         for k in ("eval_perplexity", "eval_accuracy", "test_loss", "test_perplexity"):
             assert one[k] == pytest.approx(two[k], rel=1e-5), k
@@ -237,38 +230,38 @@ def padded(work):
 
 def test_padding_free_trains_exactly_like_padded_batches(work, padded):
     """`line_by_line` reviews of different lengths, 8 per update: flattened into one row (position ids restarting,
-    no padding) they give the padded run's per-step loss and gradient norm and the same model after 4 updates,
-    in one process and split over 2 DDP processes (4 each: the loss is still normalised over all ranks' tokens).
-    The throughput counts the same examples and real tokens (a row is 8 examples, not 1)."""
+    no padding) they give the padded run's per-step loss and gradient norm and the same model after 4 updates.
+    The throughput counts the same examples and real tokens (a row is 8 examples, not 1). Split over 2 processes:
+    test_padding_free_under_zero3_trains_like_padded_batches."""
     flat = run(padding_free_args(work, work["root"] / "clm_flat", 8, True))
-    accelerate_launch(2, padding_free_args(work, work["root"] / "clm_flat_ddp", 4, True))
-    flat_ddp = history(work["root"] / "clm_flat_ddp")
     for key in ("loss", "grad_norm"):
-        want = step_values(padded.log_history, key)
-        assert sorted(want) == [1, 2, 3, 4]
-        for got in (step_values(flat.log_history, key), step_values(flat_ddp, key)):
-            assert sorted(got) == sorted(want)
-            for step in want:
-                assert got[step] == pytest.approx(want[step], rel=1e-4), (key, step)
+        want, got = step_values(padded.log_history, key), step_values(flat.log_history, key)
+        assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-4), (key, step)
     assert flat.metrics["eval_loss"] == pytest.approx(padded.metrics["eval_loss"], rel=1e-4)
-    assert results(work["root"] / "clm_flat_ddp")["eval_loss"] == pytest.approx(padded.metrics["eval_loss"], rel=1e-4)
     want = tokens_per_example(padded.log_history)
     assert len(want) == 4
     assert tokens_per_example(flat.log_history) == pytest.approx(want, rel=1e-9)
-    assert tokens_per_example(flat_ddp) == pytest.approx(want, rel=1e-9)
 
 
 def test_padding_free_under_zero3_trains_like_padded_batches(work, padded):
-    """ZeRO-3 loads the weights into shards (zero3_init_flag), so the packing check runs on a one-layer copy of the
-    architecture; the 2-process run (4 examples each, flattened) then matches the one-process padded run step by
-    step."""
+    """Split over 2 processes (4 examples each, flattened) under ZeRO-3, the run matches the one-process padded run
+    step by step: loss and gradient norm (normalised over all ranks' tokens), the evaluation, and the examples and
+    real tokens counted. ZeRO-3 loads the weights into shards (zero3_init_flag), so the packing check runs on a
+    one-layer copy of the architecture. (The only 2-process padding-free run: DDP's would split the batch and
+    normalise the loss the same way, in the same Stepper.)"""
     zero3_out = work["root"] / "clm_flat_zero3"
     run_cli([str(REPO / "launch"), "deepspeed_zero3", "--cpu", "2", *padding_free_args(work, zero3_out, 4, True)],
             env={"OMP_NUM_THREADS": "1", "PYTHON": __import__("sys").executable}, cwd=work["root"], timeout=600)
-    want, got = step_values(padded.log_history, "loss"), step_values(history(zero3_out), "loss")
-    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+    # DeepSpeed sums the gradient norm over its fp32 partitions, in another order: 3e-4 apart by step 3 here.
+    for key, rel in (("loss", 1e-4), ("grad_norm", 1e-3)):
+        want, got = step_values(padded.log_history, key), step_values(history(zero3_out), key)
+        assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=rel), (key, step)
+    assert results(zero3_out)["eval_loss"] == pytest.approx(padded.metrics["eval_loss"], rel=1e-4)
+    assert tokens_per_example(history(zero3_out)) == pytest.approx(tokens_per_example(padded.log_history), rel=1e-9)
 
 
 def test_padding_free_refuses_a_model_that_would_attend_across_examples(work, tmp_path):
