@@ -28,6 +28,7 @@ from .distributed.accelerator import build_accelerator, configure_model
 from .distributed.backend import Backend, effective_mixed_precision
 from .evaluation import Evaluator
 from .fast_path import apply_liger_kernel, build_step_loss, check_liger_kernel, resolve_tf32
+from .fingerprint import hash_by_backend
 from .loop import Loop
 from .losses import ComputeLossFunc
 from .metric_names import best_metric, metric_key
@@ -172,6 +173,7 @@ def build_tokenizer(cfg: Config, user: dropin.UserParts) -> Any:
     """The user's tokenizer, else the config's, else (for the user's own model) the one it was loaded from: its
     config's name_or_path (the default model_name_or_path is not that model's). None when nothing is tokenized."""
     if user.brings_tokenization:
+        hash_by_backend(user.processing_class)  # as load_tokenizer does for the tokenizers it loads
         return user.processing_class
     m = cfg.model
     source = m.tokenizer_name or (m.model_name_or_path if user.model is None
