@@ -92,6 +92,18 @@ def pytest_configure(config):
     config.pluginmanager.register(FixtureStack(), "scaletune-launch-guard-fixtures")
 
 
+def pytest_collection_finish(session):
+    # Collection imported what every test uses (torch, transformers, datasets, ...): millions of objects that
+    # each full garbage collection walked -- Python's own, and the gc.collect() that ends every run made in this
+    # process (free_finished_run), 0.25 s a time. Frozen once here, a collection walks only what tests made since
+    # (measured: test_parity_decisions + test_trainer_args, 56 -> 48 CPU-s). Nothing collectable is lost: what
+    # is frozen is what collection left alive.
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def _without_curves(run):
     @functools.wraps(run)
     def run_without_curves(args=None, **kwargs):

@@ -16,6 +16,7 @@ from .config import Config, ConfigError, ConfigSource, load_config
 from .dropin import UserParts
 from .errors import NonFiniteError, ScaletuneError
 from .preflight import preflight, run_config
+from .startup import freeze_imported_objects, one_run_per_process
 
 if TYPE_CHECKING:
     from .finish import RunResult
@@ -86,6 +87,9 @@ def _run(cfg: Config, user: UserParts) -> RunResult:
     from .build import build  # torch: imported once the cheap checks have passed
     from .finish import finish
     from .loop import fit
+
+    if one_run_per_process():
+        freeze_imported_objects()
 
     run = build(run_config(cfg, resumed), user, resumed)
     stop_reason = "no_training"
