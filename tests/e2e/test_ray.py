@@ -4,8 +4,8 @@ checkpoint and ends as the uninterrupted run (metrics, per-step losses), with it
 exactly the steps' checkpoints registered, each complete. The uninterrupted run is made in this process on one
 process with both workers' batch: without dropout, 2 processes compute what 1 does (tests/e2e/test_scale_out.py),
 so no second 2-process launch is needed for it. (That a 2-process resume restores each rank's random state, with
-dropout on, is checked by tests/e2e/test_k8s.py and tests/cluster/test_slurm.py; an uninterrupted Ray run checks
-nothing this one does not: it trains the same steps, reports the same way.)
+dropout on, is checked by tests/cluster/test_slurm.py; an uninterrupted Ray run checks nothing this one does not:
+it trains the same steps, reports the same way.)
 Argument handling (one-line errors) is in tests/unit/test_ray_entry.py.
 """
 

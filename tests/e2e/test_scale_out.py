@@ -33,9 +33,9 @@ LAUNCHED = [p for p in PRESETS if not p.endswith("multi_node")]
 # Resumed on the same process count, into a second output dir: the sharded backends. Not resumed here, since
 # another run already checks that resume on the same backend and count:
 # - single_gpu: tests/e2e/test_core.py's mid-epoch resume (the same one-process load, in the pytest process);
-# - multi_gpu (DDP, 2 processes): tests/e2e/test_k8s.py's restarted pod resumes a 2-process DDP run (dropout on)
-#   and matches an uninterrupted `./launch multi_gpu --cpu 2` step for step; tests/e2e/test_ray.py's restarted
-#   worker resumes one too;
+# - multi_gpu (DDP, 2 processes): tests/cluster/test_slurm.py's requeued job resumes a 2-process DDP run (dropout
+#   on) and ends as its uninterrupted run (weights to 1e-6, every loss); tests/e2e/test_k8s.py's restarted pod and
+#   tests/e2e/test_ray.py's restarted worker resume one too;
 # - the offloaded presets and ZeRO-1: their resume would be that of fsdp2 / deepspeed_zero3 / deepspeed_zero2 (the
 #   same FSDP2 state-dict load, the same DeepSpeed load_checkpoint of per-rank optimizer shards; on CPU the
 #   offloaded state already lives where the parameters do).
