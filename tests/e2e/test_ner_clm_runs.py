@@ -50,8 +50,9 @@ def history(out) -> list:
 def test_ner_finetunes_real_minilm_on_tweets_beyond_all_o(tmp_path):
     """The packaged pretrained MiniLM tags real tweets (packaged:tweet_ner): entity F1 above the all-O baseline's 0.
 
-    Only the tweets that name an entity (38%) are used, so 40 updates (a minute on 2 cores) see enough entities
-    to find some; on all tweets F1 leaves 0 after ~80 updates of 16 (the ner_tweets recipe trains on them all).
+    Only the tweets that name an entity (38%) are used, so 32 updates see enough entities to find some (entity F1
+    0.15 on this machine; still 0 after 24); on all tweets F1 leaves 0 after ~80 updates of 16 (the ner_tweets
+    recipe trains on them all).
     """
     from scaletune import assets
 
@@ -63,13 +64,13 @@ def test_ner_finetunes_real_minilm_on_tweets_beyond_all_o(tmp_path):
         target.write_text("".join(json.dumps(r) + "\n" for r in named))
         files[f"{split}_file"] = str(target)
     r = run({**QUIET, "task": "token_classification", "model_name_or_path": "packaged:minilm", **files,
-             "max_seq_length": 48, "max_eval_samples": 90, "max_steps": 40, "per_device_train_batch_size": 16,
+             "max_seq_length": 48, "max_eval_samples": 90, "max_steps": 32, "per_device_train_batch_size": 16,
              "per_device_eval_batch_size": 45, "learning_rate": 3e-4, "warmup_steps": 0.1, "logging_steps": 10,
              "save_strategy": "no", "do_predict": False, "output_dir": str(tmp_path / "ner")})
     m = r.metrics
     assert m["eval_f1"] > 0.08 and m["eval_precision"] > 0 and m["eval_recall"] > 0, m
     losses = train_losses(r.log_history)
-    assert losses[40] < losses[10] / 2
+    assert losses[30] < losses[10] / 2
 
 
 @pytest.mark.timeout(1200)

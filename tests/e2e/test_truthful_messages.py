@@ -60,8 +60,13 @@ def test_ctrl_c_after_the_last_update_says_the_run_finishes_and_a_second_one_abo
     assert "scaletune: run finished" in stdout
     assert (out / "all_results.json").exists(), describe(proc)  # the final evaluation ran to its end
 
+    # The second Ctrl-C must land while the run is still finishing: 4,200 test rows to predict keep it there for
+    # seconds after the message (21 rows took milliseconds, and a tiny run could print its end box first).
+    rows = Path(sentiment_files["test_file"]).read_text().splitlines()
+    big_test = tmp_path / "big_test.csv"
+    big_test.write_text("\n".join([rows[0], *rows[1:] * 200]) + "\n")
     out = tmp_path / "twice"
-    proc = start(train_cmd(cli(tiny_bert, sentiment_files, out, max_steps=2)), tmp_path, "twice")
+    proc = start(train_cmd(cli(tiny_bert, sentiment_files, out, max_steps=2, test_file=big_test)), tmp_path, "twice")
     try:
         wait_for(lambda: (out / "model.safetensors").exists(), proc, START_TIMEOUT, "the export")
         interrupt(proc)
