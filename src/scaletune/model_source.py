@@ -230,10 +230,6 @@ def load_tokenizer(m, name: str):
 
     from .assets import model_path
 
-    from .fingerprint import hash_by_backend
-
     with _loading(name, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(model_path(name), cache_dir=m.cache_dir,
-                                                  revision=m.model_revision, trust_remote_code=m.trust_remote_code)
-    hash_by_backend(tokenizer)  # its maps' fingerprints without 0.13 s of pickling each
-    return tokenizer
+        return AutoTokenizer.from_pretrained(model_path(name), cache_dir=m.cache_dir, revision=m.model_revision,
+                                             trust_remote_code=m.trust_remote_code)
