@@ -171,8 +171,10 @@ def test_deepspeed_zero2_on_two_cpu_processes_trains_and_exports(work, task):
     padded last batches): the entity metrics are equal and the prediction file has every test sentence once, word
     for word (the gathering of predictions is the Evaluator's on every backend, so DDP's would check the same). The
     causal LM starts from scratch (`model_name_or_path: none`, the tiny Llama's config and tokenizer): its
-    perplexity and accuracy (test split too) are equal, and the exported model writes samples. (The causal LM
-    under plain DDP: test_padding_free_trains_exactly_like_padded_batches.)"""
+    perplexity and accuracy (test split too) are equal, and the exported model writes samples. (The causal LM on 2
+    processes under ZeRO-3, padding-free: test_padding_free_under_zero3_trains_like_padded_batches. No causal-LM
+    run uses plain DDP: its data-parallel path, split batches and the loss normalised over all ranks' tokens, is
+    the Stepper's on every backend.)"""
     out = work["root"] / f"{task}_zero2"
     args = ner_args(work, out) if task == "token_classification" else clm_args(work, out, scratch=True)
     run_cli([str(REPO / "launch"), "deepspeed_zero2", "--cpu", "2", *args],
