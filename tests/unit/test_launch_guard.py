@@ -1,7 +1,7 @@
 """The launch guard of tests/conftest.py, which keeps the `slow` marker honest, checked on a throwaway suite run
 by a real pytest with the real conftest: a test not marked slow that launches a process fails with the guard's
 line, a slow one passes, and a not-slow test that uses a fixture whose setup launched one fails too, whichever
-test set the fixture up."""
+test set the fixture up. A program a library runs to look something up (matplotlib's fc-list) is not a launch."""
 
 from __future__ import annotations
 
@@ -52,6 +52,13 @@ def test_unmarked_uses_the_fixture(launched):
 
 def test_unmarked_pure():
     assert sum(range(4)) == 6
+
+
+def test_unmarked_font_lookup():
+    try:  # what matplotlib runs to build its font cache: a lookup, not a launch (the guard acts before the exec)
+        subprocess.run(["fc-list", "--help"], capture_output=True)
+    except FileNotFoundError:
+        pass
 '''
 
 
@@ -74,6 +81,7 @@ def test_the_guard_fails_exactly_the_unmarked_launches(tmp_path):
         "test_marked_sets_up_the_fixture": "PASSED",
         "test_unmarked_uses_the_fixture": "ERROR",  # refused in setup, before the test body
         "test_unmarked_pure": "PASSED",
+        "test_unmarked_font_lookup": "PASSED",
     }, out.stdout + out.stderr
     assert "mark it slow (a subprocess)" in outcome["test_unmarked_launch"][1], out.stdout
     assert "it uses launched, which launches one" in outcome["test_unmarked_uses_the_fixture"][1], out.stdout
