@@ -20,7 +20,7 @@ from typing import Mapping
 
 from .config import load_config
 from .errors import ScaletuneError
-from .launch_plan import LaunchError, cluster_preset, scaletune_home, visible_gpus, whole_number
+from .launch_plan import LaunchError, cluster_preset, scaletune_home, take_options, visible_gpus, whole_number
 
 PET = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 
@@ -49,8 +49,8 @@ def launch_args(argv: list[str], env: Mapping[str, str], home: Path) -> list[str
     # `auto`: Kubeflow leaves the count to the launcher when the pod asks for GPUs (./launch: the visible ones).
     per_node = env["PET_NPROC_PER_NODE"]
     per_node = None if per_node == "auto" else whole_number("PET_NPROC_PER_NODE", per_node)
-    args = [a for a in argv if a not in ("--dry-run", "--dry_run")]
-    dry_run = ["--dry-run"] if len(args) < len(argv) else []
+    given, args = take_options(argv, valued=(), flags=("dry_run",))
+    dry_run = ["--dry-run"] if given else []
     gpus = visible_gpus(env)
     preset, args = cluster_preset(args, env, str(home), nodes, per_node or gpus)
     topology = ["--num_machines", str(nodes), "--machine_rank", str(rank),

@@ -79,6 +79,31 @@ def whole_number(name: str, value) -> Optional[int]:
     return int(value)
 
 
+def take_options(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """An entry's own options taken out of its command line, the rest kept in order: the training arguments it
+    passes on (`python -m scaletune.search` / `scaletune.ray`). `--name value` or `--name=value` for `valued`,
+    a bare `--name` for `flags`; `-` or `_` in a name. Values stay strings: the entry checks them."""
+    opts: dict = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        head, eq, value = argv[i].partition("=")
+        name = head[2:].replace("-", "_") if head.startswith("--") else None
+        if name in flags and not eq:
+            opts[name] = True
+        elif name in valued:
+            if not eq:
+                if i + 1 >= len(argv) or not argv[i + 1] or argv[i + 1].startswith("--"):
+                    raise LaunchError(f"--{name} needs a value.")
+                i += 1
+                value = argv[i]
+            opts[name] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return opts, rest
+
+
 def launch_plan(opts: Mapping[str, Optional[str]], training, env: Mapping[str, str] = os.environ,
                 gpus: Optional[int] = None) -> dict:
     """Every value `./launch` needs for its `accelerate launch` command, decided in one place.

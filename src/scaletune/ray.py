@@ -22,7 +22,7 @@ from typing import Optional
 
 from .config import load_config
 from .errors import ConfigError, ScaletuneError
-from .launch_plan import whole_number
+from .launch_plan import take_options, whole_number
 
 USAGE = ("usage: python -m scaletune.ray CONFIG --num_workers N [--use_gpu] [--max_failures K] [--address auto] "
          "[--key value ...]")
@@ -31,27 +31,14 @@ RUN_NAME = "scaletune"
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
     """Ray's options (removed) and the training arguments (kept, in order). Errors are one line each."""
-    opts: dict = {"num_workers": None, "use_gpu": False, "max_failures": 0, "address": None}
-    train: list[str] = []
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        name = word[2:].replace("-", "_") if word.startswith("--") else None
-        if name == "use_gpu":
-            opts["use_gpu"] = True
-        elif name in ("num_workers", "max_failures", "address"):
-            if i + 1 >= len(argv) or not argv[i + 1]:
-                raise ConfigError(f"--{name} needs a value. {USAGE}")
-            value = argv[i + 1] if name == "address" else whole_number(f"--{name}", argv[i + 1])
-            if name == "num_workers" and value < 1:
-                raise ConfigError(f"--num_workers must be at least 1, got {value}.")
-            opts[name] = value
-            i += 1
-        else:
-            train.append(word)
-        i += 1
+    given, train = take_options(argv, valued=("num_workers", "max_failures", "address"), flags=("use_gpu",))
+    opts = {"num_workers": whole_number("--num_workers", given.get("num_workers")), "use_gpu": "use_gpu" in given,
+            "max_failures": whole_number("--max_failures", given.get("max_failures")) or 0,
+            "address": given.get("address") or None}
     if opts["num_workers"] is None:
         raise ConfigError(f"--num_workers is required (the number of Ray workers, one process each). {USAGE}")
+    if opts["num_workers"] < 1:
+        raise ConfigError(f"--num_workers must be at least 1, got {opts['num_workers']}.")
     return opts, train
 
 

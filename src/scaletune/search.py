@@ -32,14 +32,14 @@ from .config.sources import coerce, load_file, parse_cli, recipe_path, resolve_r
 from .config.training import lower_is_better
 from .disk import write_text_atomically
 from .errors import ScaletuneError
-from .launch_plan import cluster_preset, scaletune_home, visible_gpus, whole_number
+from .launch_plan import cluster_preset, scaletune_home, take_options, visible_gpus, whole_number
 from .metric_names import best_metric, metric_key
 from .search_report import write_report
 from .search_space import check_params, distributions, read_space
 from .trial_pruning import (ENV_METRIC, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL_ID, PRUNED_AT, PRUNERS,
                             make_pruner)
 
-OPTIONS = ("--space", "--n_trials", "--direction", "--metric", "--pruner", "--preset", "--cpu", "--study_name")
+OPTIONS = ("space", "n_trials", "direction", "metric", "pruner", "preset", "cpu", "study_name")
 INTERRUPTED = (130, 143, -2, -15)  # the trial stopped by SIGINT/SIGTERM: the search was stopped with it
 WORKER = "search_worker"
 """The trial's user attribute naming the search that runs it: a restarted search resumes only its own."""
@@ -193,22 +193,7 @@ def _read_metric(trial_dir: Path, metric: str) -> Optional[float]:
 
 def parse_args(argv: list[str]) -> tuple[list[str], dict]:
     """(the training arguments, search()'s keyword arguments) of the command line."""
-    train, opts = [], {}
-    i = 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        name = "--" + name[2:].replace("-", "_") if name.startswith("--") else name
-        if name not in OPTIONS:
-            train.append(argv[i])
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError(f"{name} needs a value.")
-            value = argv[i + 1]
-            i += 1
-        opts[name[2:]] = value
-        i += 1
+    opts, train = take_options(argv, valued=OPTIONS)
     if "space" not in opts:
         raise ConfigError("--space SPACE.yaml is required (the keys to search and their ranges).")
     for key in ("n_trials", "cpu"):

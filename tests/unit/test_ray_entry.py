@@ -14,7 +14,7 @@ from scaletune.errors import ConfigError
 
 def test_ray_options_are_taken_out_and_training_arguments_kept_in_order():
     opts, train = ray_entry.parse(["job.yaml", "--num_workers", "4", "--max_steps", "3", "--use_gpu",
-                                   "--max-failures", "2", "--address", "auto", "--seed", "7"])
+                                   "--max-failures=2", "--address", "auto", "--seed", "7"])
     assert opts == {"num_workers": 4, "use_gpu": True, "max_failures": 2, "address": "auto"}
     assert train == ["job.yaml", "--max_steps", "3", "--seed", "7"]
 
@@ -25,6 +25,7 @@ def test_ray_options_are_taken_out_and_training_arguments_kept_in_order():
     (["--num_workers", "two"], "--num_workers must be a whole number, got 'two'."),
     (["--num_workers", "2", "--max_failures", "-1"], "--max_failures must be a whole number, got '-1'."),
     (["--num_workers"], "--num_workers needs a value"),
+    (["--num_workers", "--max_steps", "3"], "--num_workers needs a value"),
 ])
 def test_a_bad_option_is_one_line(argv, fragment):
     with pytest.raises(ConfigError, match=fragment) as raised:
