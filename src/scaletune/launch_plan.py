@@ -81,7 +81,7 @@ def whole_number(name: str, value) -> Optional[int]:
 
 def take_options(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
     """An entry's own options taken out of its command line, the rest kept in order: the training arguments it
-    passes on (`python -m scaletune.search` / `scaletune.ray`). `--name value` or `--name=value` for `valued`,
+    passes on (`python -m scaletune.search`, `.ray`, `.k8s`). `--name value` or `--name=value` for `valued`,
     a bare `--name` for `flags`; `-` or `_` in a name. Values stay strings: the entry checks them."""
     opts: dict = {}
     rest: list[str] = []
