@@ -92,11 +92,11 @@ def take_options(argv: list[str], valued: tuple[str, ...], flags: tuple[str, ...
         if name in flags and not eq:
             opts[name] = True
         elif name in valued:
-            if not eq:
-                if i + 1 >= len(argv) or not argv[i + 1] or argv[i + 1].startswith("--"):
-                    raise LaunchError(f"--{name} needs a value.")
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i += 1
                 value = argv[i]
+            if not value:  # none given, `--name=`, or `--name ""`: never a default in its place
+                raise LaunchError(f"--{name} needs a value.")
             opts[name] = value
         else:
             rest.append(argv[i])

@@ -34,7 +34,7 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
     given, train = take_options(argv, valued=("num_workers", "max_failures", "address"), flags=("use_gpu",))
     opts = {"num_workers": whole_number("--num_workers", given.get("num_workers")), "use_gpu": "use_gpu" in given,
             "max_failures": whole_number("--max_failures", given.get("max_failures")) or 0,
-            "address": given.get("address") or None}
+            "address": given.get("address")}
     if opts["num_workers"] is None:
         raise ConfigError(f"--num_workers is required (the number of Ray workers, one process each). {USAGE}")
     if opts["num_workers"] < 1:

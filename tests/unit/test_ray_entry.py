@@ -26,6 +26,8 @@ def test_ray_options_are_taken_out_and_training_arguments_kept_in_order():
     (["--num_workers", "2", "--max_failures", "-1"], "--max_failures must be a whole number, got '-1'."),
     (["--num_workers"], "--num_workers needs a value"),
     (["--num_workers", "--max_steps", "3"], "--num_workers needs a value"),
+    (["--num_workers", "2", "--address="], "--address needs a value"),
+    (["--num_workers", "2", "--address", ""], "--address needs a value"),
 ])
 def test_a_bad_option_is_one_line(argv, fragment):
     with pytest.raises(ConfigError, match=fragment) as raised:
